@@ -1,0 +1,31 @@
+"""Scorers: which tokens matter, per (sequence, kv-head)."""
+
+from kvsqueeze.policy.score.base import ScoreInput, Scorer, attention_probs
+from kvsqueeze.policy.score.h2o import H2OScorer
+from kvsqueeze.policy.score.knorm import KNormScorer
+from kvsqueeze.policy.score.random_baseline import RandomScorer
+from kvsqueeze.policy.score.snapkv import SnapKVScorer
+from kvsqueeze.policy.score.streamingllm import StreamingLLMScorer
+from kvsqueeze.policy.score.tova import TOVAScorer
+
+SCORERS: dict[str, type] = {
+    "snapkv": SnapKVScorer,
+    "h2o": H2OScorer,
+    "streamingllm": StreamingLLMScorer,
+    "knorm": KNormScorer,
+    "tova": TOVAScorer,
+    "random": RandomScorer,
+}
+
+__all__ = [
+    "SCORERS",
+    "H2OScorer",
+    "KNormScorer",
+    "RandomScorer",
+    "ScoreInput",
+    "Scorer",
+    "SnapKVScorer",
+    "StreamingLLMScorer",
+    "TOVAScorer",
+    "attention_probs",
+]

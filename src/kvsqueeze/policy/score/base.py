@@ -1,0 +1,68 @@
+"""What every scorer sees, and the attention-probability helper several of them share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class ScoreInput:
+    """The prefill of one layer, as the scorers see it.
+
+    queries: [batch, q_heads, tokens, head_dim], after RoPE.
+    keys, values: [batch, kv_heads, tokens, head_dim], after RoPE.
+    valid: [batch, tokens] bool, False on padding slots.
+    scaling: the softmax scale the model uses (usually head_dim ** -0.5).
+    window: the number of last prompt queries that observe the keys (SnapKV).
+    """
+
+    queries: torch.Tensor
+    keys: torch.Tensor
+    values: torch.Tensor
+    valid: torch.Tensor
+    scaling: float
+    window: int = 32
+
+    @property
+    def group_size(self) -> int:
+        return self.queries.shape[1] // self.keys.shape[1]
+
+
+class Scorer(Protocol):
+    """A scorer maps a prefill to scores[batch, kv_heads, tokens]; higher means keep."""
+
+    name: str
+
+    def __call__(self, x: ScoreInput) -> torch.Tensor: ...
+
+
+def attention_probs(x: ScoreInput, q_start: int, q_end: int) -> torch.Tensor:
+    """Causal softmax attention of queries [q_start, q_end) to all keys, in fp32.
+
+    Returns probs[batch, kv_heads, group, queries, tokens]. GQA is handled by folding
+    the group into the query axis, so keys are never repeated. Padding queries get
+    all-zero rows.
+    """
+    b, hq, t, d = x.queries.shape
+    hkv, g, nq = x.keys.shape[1], x.group_size, q_end - q_start
+    q = x.queries[:, :, q_start:q_end].float().reshape(b, hkv, g * nq, d)
+    logits = (q @ x.keys.float().transpose(-1, -2)).mul_(x.scaling).view(b, hkv, g, nq, t)
+    device = x.keys.device
+    q_pos = torch.arange(q_start, q_end, device=device)
+    k_pos = torch.arange(t, device=device)
+    allowed = (k_pos[None, :] <= q_pos[:, None])[None] & x.valid[:, None, :]  # [b, nq, t]
+    logits.masked_fill_(~allowed[:, None, None], float("-inf"))
+    probs = torch.softmax(logits, dim=-1).nan_to_num_(0.0)  # fully masked rows (pad queries) -> 0
+    return probs
+
+
+def reduce_group(scores: torch.Tensor, how: str) -> torch.Tensor:
+    """Reduce [batch, kv_heads, group, tokens] over the GQA group by 'mean' or 'max'."""
+    if how == "mean":
+        return scores.mean(dim=2)
+    if how == "max":
+        return scores.amax(dim=2)
+    raise ValueError(f"unknown GQA group reduction {how!r}: use 'mean' or 'max'")
