@@ -90,17 +90,19 @@ class KVSqueezeLayer(CacheLayerMixin):
         chunk_valid = None if padding_mask is None else padding_mask[:, -q_len:].to(torch.bool)
         if chunk_valid is not None and bool(chunk_valid.all()):
             chunk_valid = None
-        added = (
-            torch.full((b,), q_len, device=query.device) if chunk_valid is None else chunk_valid.sum(-1)
-        )
+        added = torch.full((b,), q_len, device=query.device) if chunk_valid is None else chunk_valid.sum(-1)
         positions = torch.arange(self.seen, self.seen + q_len, device=query.device)
 
         if self.kv is None:
             out = dense_causal_attention(query, step.keys, step.values, chunk_valid, scaling, sliding_window)
-            valid = torch.ones((b, q_len), dtype=torch.bool, device=query.device) if chunk_valid is None else chunk_valid
+            valid = (
+                torch.ones((b, q_len), dtype=torch.bool, device=query.device) if chunk_valid is None else chunk_valid
+            )
             x = ScoreInput(query, step.keys, step.values, valid, scaling, self.policy.window)
             keep = self.policy.keep_mask(x, self.layer_idx, self.num_layers)
-            self.kv = FlatKV.from_dense(step.keys.flatten(0, 1), step.values.flatten(0, 1), keep.flatten(0, 1), positions)
+            self.kv = FlatKV.from_dense(
+                step.keys.flatten(0, 1), step.values.flatten(0, 1), keep.flatten(0, 1), positions
+            )
             self.kept_after_prefill = keep.sum(dim=-1)
             self.real_tokens = added
         else:

@@ -130,7 +130,12 @@ class FlatKV:
             self._ensure_capacity(added)
         slots = self.starts[:, None] + self.lengths[:, None] + offsets
         if valid is None:
-            slots, keys, values, positions = slots.flatten(), keys.flatten(0, 1), values.flatten(0, 1), positions.flatten()
+            slots, keys, values, positions = (
+                slots.flatten(),
+                keys.flatten(0, 1),
+                values.flatten(0, 1),
+                positions.flatten(),
+            )
         else:
             slots, keys, values, positions = slots[valid], keys[valid], values[valid], positions[valid]
         self.keys[slots] = keys.to(self.keys.dtype)
