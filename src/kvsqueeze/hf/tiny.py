@@ -22,6 +22,11 @@ TINY_ARCHITECTURES = {
     "mistral": (MistralConfig, MistralForCausalLM),
 }
 SPECIALS = ["<pad>", "<s>", "</s>"]
+# A minimal chat template, so `--chat` works on tiny models as on instruct models.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:
@@ -33,9 +38,11 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(
+    fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", padding_side="left"
     )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
 
 
 def tiny_model(

@@ -18,7 +18,7 @@ class Policy:
 
     scorer=None keeps everything (the `full` policy). The last `window` prompt tokens
     and the first `sinks` tokens of every head are always kept, inside the budget.
-    A sequence whose prompt fits its layer budget is left untouched.
+    A sequence whose prompt fits its budget (or this layer's) is left untouched.
     """
 
     name: str
@@ -44,7 +44,8 @@ class Policy:
         if not self.compresses:
             return valid.clone()
         n_valid = x.valid.sum(dim=-1)
-        budget = self.schedule(self.budget.per_head(n_valid), layer_idx, num_layers, self.window)
+        mean_budget = self.budget.per_head(n_valid)
+        budget = self.schedule(mean_budget, layer_idx, num_layers, self.window, limit=n_valid)
         budget = torch.minimum(budget, n_valid)
 
         scores = self.scorer(x).float().clone()
@@ -57,5 +58,7 @@ class Policy:
 
         counts = self.allocator(scores, budget)
         keep = keep_mask(scores, counts) & valid
-        fits = (n_valid <= budget).view(b, 1, 1)  # short prompts are left untouched
+        # Short prompts are left untouched, in every layer: a prompt that fits the mean
+        # budget is not squeezed by a layer schedule that gives this layer less.
+        fits = ((n_valid <= budget) | (n_valid <= mean_budget)).view(b, 1, 1)
         return torch.where(fits, valid, keep)

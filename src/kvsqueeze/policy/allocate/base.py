@@ -16,8 +16,11 @@ class Allocator(Protocol):
 
 
 class LayerSchedule(Protocol):
-    """Splits the mean per-head budget over layers: budget[b] -> this layer's budget[b]."""
+    """Splits the mean per-head budget over layers: budget[b] -> this layer's budget[b].
+    `limit[b]`, when given, is the most any layer can keep (the prompt length)."""
 
     name: str
 
-    def __call__(self, budget: torch.Tensor, layer_idx: int, num_layers: int, window: int) -> torch.Tensor: ...
+    def __call__(
+        self, budget: torch.Tensor, layer_idx: int, num_layers: int, window: int, limit: torch.Tensor | None = None
+    ) -> torch.Tensor: ...

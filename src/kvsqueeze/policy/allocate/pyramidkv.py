@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kvsqueeze.policy.select import ranks_within
+
 
 @dataclass(frozen=True)
 class FlatSchedule:
@@ -14,7 +16,9 @@ class FlatSchedule:
 
     name: str = "flat"
 
-    def __call__(self, budget: torch.Tensor, layer_idx: int, num_layers: int, window: int) -> torch.Tensor:
+    def __call__(
+        self, budget: torch.Tensor, layer_idx: int, num_layers: int, window: int, limit: torch.Tensor | None = None
+    ) -> torch.Tensor:
         return budget
 
 
@@ -22,25 +26,34 @@ class FlatSchedule:
 class PyramidSchedule:
     """Layer budgets fall linearly with depth: the top of the pyramid (the last layer)
     keeps extra/beta tokens beyond the window, the bottom 2·extra - extra/beta, where
-    extra = budget - window. Integer budgets come from rounding the running sum, so
-    the mean over layers is exactly the requested budget.
+    extra = budget - window. Integer budgets are the linear ones rounded by largest
+    remainder, so the mean over layers is exactly the requested budget and budgets
+    never rise with depth. With `limit` (the prompt length), the bottom is lowered to
+    the limit and the top raised by as much, as PyramidKV does, so the mean holds.
     """
 
     beta: float = 20.0
     name: str = "pyramid"
 
-    def __call__(self, budget: torch.Tensor, layer_idx: int, num_layers: int, window: int) -> torch.Tensor:
+    def __call__(
+        self, budget: torch.Tensor, layer_idx: int, num_layers: int, window: int, limit: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if num_layers == 1:
             return budget
-        # Budgets at or below the window have nothing to redistribute.
-        win = torch.where(budget > window, torch.full_like(budget, window), torch.zeros_like(budget))
-        extra = (budget - win).double()
-        low = extra / self.beta
+        # Budgets at or below the window have nothing to redistribute: they stay flat.
+        win = torch.minimum(budget, torch.full_like(budget, window))
+        extra = budget - win
+        low = extra.double() / self.beta
         high = 2 * extra - low
-        step = (high - low) / (num_layers - 1)
-
-        def running_sum(n: int) -> torch.Tensor:  # sum of the first n raw layer budgets
-            return n * high - step * n * (n - 1) / 2
-
-        share = torch.round(running_sum(layer_idx + 1)) - torch.round(running_sum(layer_idx))
-        return win + share.long()
+        if limit is not None:  # no layer may want more than the prompt holds
+            high = torch.minimum(high, (limit - win).double()).maximum(extra.double())
+            low = 2 * extra - high
+        depth = torch.arange(num_layers, dtype=torch.float64, device=budget.device) / (num_layers - 1)
+        raw = high[..., None] - (high - low)[..., None] * depth  # [..., layers], falling linearly
+        # Floor every layer (a hair low, so float error never rounds up), then give the
+        # missing tokens to the largest remainders, earlier layers first on ties: the sum
+        # is exact, every layer is within a token of the line, and budgets never rise.
+        floors = torch.floor(raw - 1e-9)
+        missing = extra * num_layers - floors.long().sum(dim=-1)
+        bonus = ranks_within(raw - floors)[..., layer_idx] < missing
+        return win + floors[..., layer_idx].long() + bonus.long()

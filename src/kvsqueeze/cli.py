@@ -1,0 +1,104 @@
+"""The `kvsqueeze` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from kvsqueeze.errors import KVSqueezeError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Per-head KV-cache compression for LLMs.",
+)
+
+ModelOption = Annotated[str, typer.Option("--model", help="smollm2-135m, tiny-random-{llama,qwen2,mistral} or a path")]
+KeepOption = Annotated[float | None, typer.Option("--keep", help="keep ratio in (0, 1]")]
+TokensOption = Annotated[int | None, typer.Option("--tokens", help="tokens kept per head")]
+WindowOption = Annotated[int, typer.Option("--window", help="observation window / always-kept recent tokens")]
+AlphaOption = Annotated[float, typer.Option("--alpha", help="Ada-KV safeguard: each head keeps >= alpha x budget")]
+
+
+def fail(message: str) -> None:
+    """One line on stderr, non-zero exit: what bad input gets."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code=2)
+
+
+def _policy(name: str, keep: float | None, tokens: int | None, window: int, alpha: float):
+    from kvsqueeze.policy import make_policy
+
+    if keep is not None and tokens is not None:
+        raise KVSqueezeError("give either --keep or --tokens, not both")
+    return make_policy(name, keep=keep, tokens=tokens, window=window, alpha=alpha)
+
+
+@app.command()
+def generate(
+    model: ModelOption = "smollm2-135m",
+    policy: Annotated[str, typer.Option("--policy", help="policy preset name")] = "full",
+    keep: KeepOption = None,
+    tokens: TokensOption = None,
+    window: WindowOption = 32,
+    alpha: AlphaOption = 0.2,
+    prompt: Annotated[str | None, typer.Option("--prompt", help="prompt text (the context)")] = None,
+    prompt_file: Annotated[Path | None, typer.Option("--prompt-file", help="read the prompt from a file")] = None,
+    question: Annotated[str | None, typer.Option("--question", help="question asked after the context")] = None,
+    question_agnostic: Annotated[
+        bool, typer.Option("--question-agnostic", help="compress the context before the question is seen")
+    ] = False,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 64,
+    chat: Annotated[bool, typer.Option("--chat", help="wrap the prompt in the model's chat template")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+) -> None:
+    """Generate with a compressed KV cache and report its memory and speed."""
+    try:
+        pol = _policy(policy, keep, tokens, window, alpha)
+        if (prompt is None) == (prompt_file is None):
+            raise KVSqueezeError("give exactly one of --prompt or --prompt-file")
+        if prompt_file is not None:
+            if not prompt_file.is_file():
+                raise KVSqueezeError(f"prompt file {str(prompt_file)!r} does not exist")
+            prompt = prompt_file.read_text(encoding="utf-8")
+        from kvsqueeze.generate import generate as run
+        from kvsqueeze.hf.models import load_model
+
+        mdl, tok = load_model(model)
+        result = run(mdl, tok, pol, prompt, question, not question_agnostic, max_new_tokens=max_new_tokens, chat=chat)
+    except ValueError as err:  # KVSqueezeError and the policy's own validation errors
+        fail(str(err))
+    if as_json:
+        typer.echo(json.dumps(result.to_json()))
+        return
+    typer.echo(result.text)
+    typer.echo(
+        f"[{result.policy} {result.budget}] prompt {result.prompt_tokens} tok, new {result.new_tokens} tok, "
+        f"KV {result.kv_bytes_stored / 2**20:.2f} MiB of {result.kv_bytes_full / 2**20:.2f} MiB, "
+        f"prefill {result.prefill_seconds:.2f} s, decode {result.decode_tokens_per_second:.1f} tok/s",
+        err=True,
+    )
+
+
+@app.command()
+def demo(
+    model: ModelOption = "smollm2-135m",
+    context: Annotated[int, typer.Option("--context", help="haystack length in tokens")] = 2000,
+    keep: Annotated[float, typer.Option("--keep", help="keep ratio for the compressed policies")] = 0.25,
+) -> None:
+    """Needle in a haystack: full, streamingllm, snapkv and ada-snapkv side by side."""
+    from kvsqueeze.demo import run_demo
+
+    try:
+        run_demo(model, context, keep)
+    except ValueError as err:  # KVSqueezeError and the policy's own validation errors
+        fail(str(err))
+
+
+def main() -> None:
+    sys.exit(app())

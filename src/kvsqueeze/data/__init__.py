@@ -1,0 +1,1 @@
+"""Text the tasks and the demo are built from."""
