@@ -12,9 +12,9 @@ from transformers import PreTrainedTokenizerBase
 
 from kvsqueeze.errors import KVSqueezeError
 
-NEEDLE = "The secret passphrase is {passphrase}. Remember it: {passphrase}."
+NEEDLE = "The secret passphrase is {passphrase}."
 QUESTION = "What is the secret passphrase? Answer with the passphrase only."
-DEFAULT_PASSPHRASE = "BLUE-HARBOR-42"
+DEFAULT_PASSPHRASE = "orange umbrella"
 
 
 @cache
