@@ -11,9 +11,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 from transformers import PreTrainedModel
+from transformers.cache_utils import Cache
 
 from kvsqueeze.hf import KVSqueezeCache
-from kvsqueeze.policy import Policy
 
 
 @dataclass
@@ -34,10 +34,19 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(model: PreTrainedModel, input_ids: torch.Tensor, policy: Policy, new_tokens: int) -> BenchRow:
-    """Prefill `input_ids` [batch, tokens] with `policy`, then decode `new_tokens` greedy steps."""
+def cache_bytes(cache: Cache) -> tuple[int, int]:
+    """(bytes stored, bytes an uncompressed cache would hold) for our cache or a plain
+    transformers cache (which stores everything, so the two are equal)."""
+    if isinstance(cache, KVSqueezeCache):
+        return cache.nbytes, cache.full_nbytes
+    held = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    return held, held
+
+
+def measure(model: PreTrainedModel, input_ids: torch.Tensor, cache: Cache, new_tokens: int, label: str) -> BenchRow:
+    """Prefill `input_ids` [batch, tokens] into `cache`, then decode `new_tokens` greedy steps.
+    The model must already run with the attention implementation the cache needs."""
     device = input_ids.device
-    cache = KVSqueezeCache(model, policy)
     with torch.inference_mode():
         _sync(device)
         start = time.perf_counter()
@@ -51,11 +60,12 @@ def measure(model: PreTrainedModel, input_ids: torch.Tensor, policy: Policy, new
         _sync(device)
         decode = time.perf_counter() - start
     step = decode / max(new_tokens, 1)
+    stored, full = cache_bytes(cache)
     return BenchRow(
-        policy=policy.name,
+        policy=label,
         prefill_seconds=prefill,
         decode_ms_per_step=step * 1e3,
         decode_tokens_per_second=input_ids.shape[0] / step if step > 0 else 0.0,
-        kv_bytes_stored=cache.nbytes,
-        kv_bytes_full=cache.full_nbytes,
+        kv_bytes_stored=stored,
+        kv_bytes_full=full,
     )
