@@ -1,7 +1,9 @@
-"""Timing one policy on one batch: prefill seconds, decode ms per step, bytes kept.
+"""Timing one policy on one batch: prefill seconds, decode ms per step, bytes kept,
+peak memory, and how far a decode step is from the memory-bandwidth bound.
 
 Decode runs a fixed number of steps (no early stop at EOS), so every policy does the
-same work; what differs is only the cache it reads.
+same work; what differs is only the cache it reads. The bound of a step is the time
+to read the weights once plus the KV the step reads, at the measured bandwidth.
 """
 
 from __future__ import annotations
@@ -13,7 +15,13 @@ import torch
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache
 
+from kvsqueeze.bandwidth import measure_bandwidth
+from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.hf import KVSqueezeCache
+from kvsqueeze.hf.models import load_model, max_context
+from kvsqueeze.hf.random_models import RANDOM_PREFIX, random_model
+from kvsqueeze.memory import PeakMemory
+from kvsqueeze.policy import make_policy
 
 
 @dataclass
@@ -24,6 +32,9 @@ class BenchRow:
     decode_tokens_per_second: float
     kv_bytes_stored: int
     kv_bytes_full: int
+    peak_memory_bytes: int = 0
+    bound_ms_per_step: float = 0.0
+    ratio_to_bound: float = 0.0
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -47,7 +58,7 @@ def measure(model: PreTrainedModel, input_ids: torch.Tensor, cache: Cache, new_t
     """Prefill `input_ids` [batch, tokens] into `cache`, then decode `new_tokens` greedy steps.
     The model must already run with the attention implementation the cache needs."""
     device = input_ids.device
-    with torch.inference_mode():
+    with torch.inference_mode(), PeakMemory(device) as peak:
         _sync(device)
         start = time.perf_counter()
         logits = model(input_ids, past_key_values=cache, use_cache=True).logits
@@ -68,4 +79,99 @@ def measure(model: PreTrainedModel, input_ids: torch.Tensor, cache: Cache, new_t
         decode_tokens_per_second=input_ids.shape[0] / step if step > 0 else 0.0,
         kv_bytes_stored=stored,
         kv_bytes_full=full,
+        peak_memory_bytes=peak.bytes,
     )
+
+
+def weight_bytes_read_per_step(model: PreTrainedModel) -> int:
+    """Bytes of weights a decode step reads: every parameter once, except an untied
+    input embedding, of which a step reads only a few rows."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    if embed.data_ptr() != head.data_ptr():
+        total -= embed.numel() * embed.element_size()
+    return total
+
+
+def add_bound(row: BenchRow, weight_bytes: int, bandwidth: float) -> BenchRow:
+    """Fill the bound columns: a step reads the weights and the stored KV once."""
+    row.bound_ms_per_step = (weight_bytes + row.kv_bytes_stored) / bandwidth * 1e3
+    row.ratio_to_bound = row.decode_ms_per_step / row.bound_ms_per_step
+    return row
+
+
+def bench_inputs(name: str, tokenizer, vocab_size: int, context: int, batch: int, device: str) -> torch.Tensor:
+    """Essay text for a real model (so attention looks like real attention), seeded
+    random ids for a random-weight one. Each sequence of the batch is different."""
+    if tokenizer is None:
+        gen = torch.Generator().manual_seed(0)
+        return torch.randint(0, vocab_size, (batch, context), generator=gen).to(device)
+    from kvsqueeze.data.haystack import essays_text
+
+    ids = tokenizer(essays_text(), add_special_tokens=False)["input_ids"]
+    if len(ids) < context + batch * 97:
+        raise KVSqueezeError(f"context {context} is longer than the {len(ids)}-token essays used as input")
+    return torch.tensor([ids[i * 97 : i * 97 + context] for i in range(batch)], device=device)
+
+
+def run_bench(
+    model_name: str,
+    policies: list[str],
+    keep: float | None,
+    tokens: int | None,
+    context: int,
+    batch: int,
+    new_tokens: int,
+    device: str = "cpu",
+    dtype: str = "float32",
+) -> list[BenchRow]:
+    """One BenchRow per policy, with bound columns from a bandwidth measured here."""
+    if context < 1 or batch < 1 or new_tokens < 1:
+        raise KVSqueezeError("context, batch and new-tokens must all be at least 1")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise KVSqueezeError("--device cuda asked for, but torch sees no CUDA device here")
+    built = [make_policy(name, keep=keep, tokens=tokens) for name in policies]  # validate before loading
+    torch_dtype = getattr(torch, dtype)
+    if model_name.startswith(RANDOM_PREFIX):
+        model, tokenizer = random_model(model_name, torch_dtype, device), None
+    else:
+        model, tokenizer = load_model(model_name, dtype=torch_dtype, device=device)
+    if context + new_tokens > max_context(model):
+        raise KVSqueezeError(
+            f"context {context} + {new_tokens} new tokens exceeds the model's context of {max_context(model)}"
+        )
+    input_ids = bench_inputs(model_name, tokenizer, model.config.vocab_size, context, batch, device)
+    bandwidth = measure_bandwidth(device)
+    weights = weight_bytes_read_per_step(model)
+    # Warm-up: first calls pay for lazy initialisation and allocator growth.
+    measure(model, input_ids[:, : min(context, 256)], KVSqueezeCache(model, built[0]), 2, "warm-up")
+    rows = []
+    from rich.progress import track
+
+    for policy in track(built, description="policies", transient=True):
+        row = measure(model, input_ids, KVSqueezeCache(model, policy), new_tokens, policy.name)
+        rows.append(add_bound(row, weights, bandwidth))
+    return rows
+
+
+def bench_table(rows: list[BenchRow], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    columns = ("policy", "prefill s", "decode ms/step", "tok/s", "peak MiB", "KV MiB", "KV full MiB", "bound ms")
+    for col in (*columns, "x bound"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(
+            r.policy,
+            f"{r.prefill_seconds:.3f}",
+            f"{r.decode_ms_per_step:.2f}",
+            f"{r.decode_tokens_per_second:.1f}",
+            f"{r.peak_memory_bytes / 2**20:.0f}",
+            f"{r.kv_bytes_stored / 2**20:.1f}",
+            f"{r.kv_bytes_full / 2**20:.1f}",
+            f"{r.bound_ms_per_step:.2f}",
+            f"{r.ratio_to_bound:.2f}",
+        )
+    Console(width=max(120, Console().width)).print(table)

@@ -100,5 +100,47 @@ def demo(
         fail(str(err))
 
 
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+DEFAULT_BENCH = "full,snapkv,ada-snapkv"
+
+
+@app.command()
+def bench(
+    model: ModelOption = "smollm2-135m",
+    policies: Annotated[
+        str, typer.Option("--policies", help="comma-separated policy names")
+    ] = "full,snapkv,ada-snapkv",
+    keep: KeepOption = None,
+    tokens: TokensOption = None,
+    context: Annotated[int, typer.Option("--context", help="prompt tokens per sequence")] = 4000,
+    batch: Annotated[int, typer.Option("--batch", help="sequences decoded together")] = 1,
+    new_tokens: Annotated[int, typer.Option("--new-tokens", help="decode steps timed")] = 32,
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda")] = "cpu",
+    dtype: Annotated[str, typer.Option("--dtype", help="bf16, fp16 or fp32")] = "fp32",
+    as_json: Annotated[bool, typer.Option("--json", help="print a JSON list of rows")] = False,
+) -> None:
+    """Prefill and decode speed, memory and distance to the bandwidth bound, per policy.
+    MODEL may be random:<shape> (random weights, real shapes), e.g. random:llama-3.1-8b."""
+    from kvsqueeze.bench import run_bench
+
+    try:
+        if keep is not None and tokens is not None:
+            raise KVSqueezeError("give either --keep or --tokens, not both")
+        if dtype not in DTYPES:
+            raise KVSqueezeError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+        if device not in ("cpu", "cuda"):
+            raise KVSqueezeError(f"unknown device {device!r}; choose cpu or cuda")
+        names = [p.strip() for p in policies.split(",") if p.strip()]
+        rows = run_bench(model, names, keep, tokens, context, batch, new_tokens, device, DTYPES[dtype])
+    except ValueError as err:
+        fail(str(err))
+    if as_json:
+        typer.echo(json.dumps([row.to_json() for row in rows]))
+        return
+    from kvsqueeze.bench import bench_table
+
+    bench_table(rows, f"{model}, {device} {dtype}, batch {batch}, context {context}, {new_tokens} steps")
+
+
 def main() -> None:
     sys.exit(app())
