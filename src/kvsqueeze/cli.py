@@ -11,6 +11,11 @@ import typer
 
 from kvsqueeze.errors import KVSqueezeError
 
+try:  # recent typer vendors its own click
+    from typer._click.exceptions import UsageError
+except ImportError:  # pragma: no cover - older typer on top of click
+    from click.exceptions import UsageError
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -64,7 +69,8 @@ def generate(
             raise KVSqueezeError("give exactly one of --prompt or --prompt-file")
         if prompt_file is not None:
             if not prompt_file.is_file():
-                raise KVSqueezeError(f"prompt file {str(prompt_file)!r} does not exist")
+                problem = "is a folder, not a file" if prompt_file.is_dir() else "does not exist"
+                raise KVSqueezeError(f"prompt file {str(prompt_file)!r} {problem}")
             prompt = prompt_file.read_text(encoding="utf-8")
         from kvsqueeze.generate import generate as run
         from kvsqueeze.hf.models import load_model
@@ -143,4 +149,13 @@ def bench(
 
 
 def main() -> None:
-    sys.exit(app())
+    # Usage errors (a mistyped option or value) get the same one-line form as bad input.
+    try:
+        code = app(standalone_mode=False)
+    except UsageError as err:
+        if err.format_message():  # empty when the help was shown for a bare `kvsqueeze`
+            typer.echo(f"error: {err.format_message()}", err=True)
+        code = 2
+    except typer.Abort:
+        code = 130
+    sys.exit(code or 0)

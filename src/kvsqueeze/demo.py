@@ -17,13 +17,13 @@ DEMO_POLICIES = ("full", "streamingllm", "snapkv", "ada-snapkv")
 
 def run_demo(model_name: str, context_tokens: int, keep: float) -> list[dict]:
     console = Console()
+    policies = [make_policy(name, keep=keep) for name in DEMO_POLICIES]  # bad input fails before any loading
     model, tokenizer = load_model(model_name)
     hay = build_haystack(tokenizer, context_tokens, depth=0.5)
     rows = []
-    for name in track(DEMO_POLICIES, description="policies", console=console):
-        policy = make_policy(name, keep=keep)
+    for policy in track(policies, description="policies", console=console, transient=True):
         result = generate(model, tokenizer, policy, hay.context, hay.question, max_new_tokens=24, chat=True)
-        rows.append({"policy": name, "correct": hay.answer in result.text, **result.to_json()})
+        rows.append({"policy": policy.name, "correct": hay.answer in result.text, **result.to_json()})
 
     table = Table(title=f"Needle in {rows[0]['prompt_tokens']} tokens, keep {keep} ({model_name})")
     for col in ("policy", "answer", "right", "KV stored", "of full", "prefill s", "decode tok/s"):

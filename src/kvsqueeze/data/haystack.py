@@ -54,7 +54,9 @@ def build_haystack(
     needle = NEEDLE.format(passphrase=passphrase)
     ids = tokenizer(essays_text(), add_special_tokens=False)["input_ids"]
     budget = context_tokens - len(tokenizer(needle, add_special_tokens=False)["input_ids"]) - 2
-    if budget < 1 or offset_tokens + budget > len(ids):
+    if budget < 1:
+        raise KVSqueezeError(f"a haystack of {context_tokens} tokens is too short to hold the needle")
+    if offset_tokens + budget > len(ids):
         raise KVSqueezeError(f"a haystack of {context_tokens} tokens does not fit the {len(ids)}-token essays")
     text = tokenizer.decode(ids[offset_tokens : offset_tokens + budget])
     cut = int(len(text) * depth)

@@ -64,7 +64,15 @@ def smollm2_path() -> Path:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
+        tmp.chmod(0o755)
+        if target.exists() and not (target / "model.safetensors").exists():
+            shutil.rmtree(target)  # a half-deleted earlier conversion
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            # Another process finished the same conversion first: its result is as good as ours.
+            if not (target / "model.safetensors").exists():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target

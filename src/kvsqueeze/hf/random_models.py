@@ -10,16 +10,17 @@ from kvsqueeze.errors import KVSqueezeError
 
 RANDOM_PREFIX = "random:"
 
+# Llama-3.1-8B and Mistral-7B share their transformer body; they differ in vocabulary and RoPE.
+SEVEN_B_BODY = dict(
+    hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8
+)
+
 # Published shapes of each model's config.json.
 RANDOM_SHAPES = {
     "llama-3.1-8b": (
         LlamaConfig,
         dict(
-            hidden_size=4096,
-            intermediate_size=14336,
-            num_hidden_layers=32,
-            num_attention_heads=32,
-            num_key_value_heads=8,
+            **SEVEN_B_BODY,
             vocab_size=128256,
             max_position_embeddings=131072,
             rope_theta=500000.0,
@@ -28,11 +29,7 @@ RANDOM_SHAPES = {
     "mistral-7b": (
         MistralConfig,
         dict(
-            hidden_size=4096,
-            intermediate_size=14336,
-            num_hidden_layers=32,
-            num_attention_heads=32,
-            num_key_value_heads=8,
+            **SEVEN_B_BODY,
             vocab_size=32768,
             max_position_embeddings=32768,
             sliding_window=None,
