@@ -18,8 +18,7 @@ from rich.progress import track
 from rich.table import Table
 from transformers import DynamicCache
 
-from kvsqueeze.bench import BenchRow, measure
-from kvsqueeze.data.haystack import essays_text
+from kvsqueeze.bench import BenchRow, bench_inputs, measure
 from kvsqueeze.hf import KVSqueezeCache
 from kvsqueeze.hf.models import load_model
 from kvsqueeze.policy import make_policy, policy_names
@@ -44,8 +43,7 @@ def main() -> None:
     args = parser.parse_args()
 
     model, tokenizer = load_model(args.model)
-    ids = tokenizer(essays_text(), add_special_tokens=False)["input_ids"][: args.context]
-    input_ids = torch.tensor([ids])
+    input_ids = bench_inputs(tokenizer, model.config.vocab_size, args.context, 1, "cpu")
 
     def baseline() -> BenchRow:
         model.set_attn_implementation("sdpa")
@@ -62,7 +60,7 @@ def main() -> None:
     ours_full = next((r for r in rows if r.policy == "full"), rows[0])
     base = rows[0]
     table = Table(
-        title=f"{args.model}, CPU ({torch.get_num_threads()} threads), context {len(ids)}, keep {args.keep}, "
+        title=f"{args.model}, CPU ({torch.get_num_threads()} threads), context {args.context}, keep {args.keep}, "
         f"{args.new_tokens} decode steps, best of {args.repeats}"
     )
     for col in ("policy", "prefill s", "vs full prefill", "decode ms/step", "vs transformers", "KV MiB", "kept"):

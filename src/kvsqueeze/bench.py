@@ -12,16 +12,23 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-from transformers import PreTrainedModel
+from rich.console import Console
+from rich.progress import track
+from rich.table import Table
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import Cache
 
 from kvsqueeze.bandwidth import measure_bandwidth
+from kvsqueeze.data.haystack import essays_text
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.hf import KVSqueezeCache
 from kvsqueeze.hf.models import load_model, max_context
 from kvsqueeze.hf.random_models import RANDOM_PREFIX, random_model
 from kvsqueeze.memory import PeakMemory
 from kvsqueeze.policy import make_policy
+
+# Sequences of a batch start this many tokens apart in the essays, so they differ.
+SEQUENCE_STRIDE = 97
 
 
 @dataclass
@@ -100,18 +107,19 @@ def add_bound(row: BenchRow, weight_bytes: int, bandwidth: float) -> BenchRow:
     return row
 
 
-def bench_inputs(name: str, tokenizer, vocab_size: int, context: int, batch: int, device: str) -> torch.Tensor:
+def bench_inputs(
+    tokenizer: PreTrainedTokenizerBase | None, vocab_size: int, context: int, batch: int, device: str
+) -> torch.Tensor:
     """Essay text for a real model (so attention looks like real attention), seeded
     random ids for a random-weight one. Each sequence of the batch is different."""
     if tokenizer is None:
         gen = torch.Generator().manual_seed(0)
         return torch.randint(0, vocab_size, (batch, context), generator=gen).to(device)
-    from kvsqueeze.data.haystack import essays_text
-
     ids = tokenizer(essays_text(), add_special_tokens=False)["input_ids"]
-    if len(ids) < context + batch * 97:
+    if len(ids) < context + batch * SEQUENCE_STRIDE:
         raise KVSqueezeError(f"context {context} is longer than the {len(ids)}-token essays used as input")
-    return torch.tensor([ids[i * 97 : i * 97 + context] for i in range(batch)], device=device)
+    starts = [i * SEQUENCE_STRIDE for i in range(batch)]
+    return torch.tensor([ids[s : s + context] for s in starts], device=device)
 
 
 def run_bench(
@@ -140,14 +148,12 @@ def run_bench(
         raise KVSqueezeError(
             f"context {context} + {new_tokens} new tokens exceeds the model's context of {max_context(model)}"
         )
-    input_ids = bench_inputs(model_name, tokenizer, model.config.vocab_size, context, batch, device)
+    input_ids = bench_inputs(tokenizer, model.config.vocab_size, context, batch, device)
     bandwidth = measure_bandwidth(device)
     weights = weight_bytes_read_per_step(model)
     # Warm-up: first calls pay for lazy initialisation and allocator growth.
     measure(model, input_ids[:, : min(context, 256)], KVSqueezeCache(model, built[0]), 2, "warm-up")
     rows = []
-    from rich.progress import track
-
     for policy in track(built, description="policies", transient=True):
         row = measure(model, input_ids, KVSqueezeCache(model, policy), new_tokens, policy.name)
         rows.append(add_bound(row, weights, bandwidth))
@@ -155,9 +161,6 @@ def run_bench(
 
 
 def bench_table(rows: list[BenchRow], title: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     table = Table(title=title)
     columns = ("policy", "prefill s", "decode ms/step", "tok/s", "peak MiB", "KV MiB", "KV full MiB", "bound ms")
     for col in (*columns, "x bound"):
