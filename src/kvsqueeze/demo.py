@@ -16,7 +16,7 @@ DEMO_POLICIES = ("full", "streamingllm", "snapkv", "ada-snapkv")
 
 
 def run_demo(model_name: str, context_tokens: int, keep: float) -> list[dict]:
-    console = Console()
+    console = Console(width=max(120, Console().width))
     policies = [make_policy(name, keep=keep) for name in DEMO_POLICIES]  # bad input fails before any loading
     model, tokenizer = load_model(model_name)
     hay = build_haystack(tokenizer, context_tokens, depth=0.5)
