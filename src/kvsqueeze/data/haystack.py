@@ -39,6 +39,36 @@ class Haystack:
     answer: str
 
 
+@cache
+def essay_tokens(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The essays as token ids (once per tokenizer)."""
+    return tokenizer(essays_text(), add_special_tokens=False)["input_ids"]
+
+
+def hide(text: str, needles: list[tuple[float, str]]) -> str:
+    """`text` with each (depth, sentence) inserted at that depth (0 = start, 1 = end),
+    at the sentence boundary just before it."""
+    pieces, done = [], 0
+    for depth, sentence in sorted(needles, key=lambda n: n[0]):
+        if not 0.0 <= depth <= 1.0:
+            raise KVSqueezeError(f"needle depth must be in [0, 1], got {depth}")
+        cut = max(int(len(text) * depth), done)
+        boundary = text.rfind(". ", done, cut)
+        cut = boundary + 2 if boundary >= 0 and depth > 0 else cut
+        pieces += [text[done:cut], sentence + " "]
+        done = cut
+    pieces.append(text[done:])
+    return "".join(pieces).strip()
+
+
+def essays_slice(tokenizer: PreTrainedTokenizerBase, tokens: int, offset_tokens: int = 0) -> str:
+    """About `tokens` tokens of the essays, starting `offset_tokens` in."""
+    ids = essay_tokens(tokenizer)
+    if offset_tokens + tokens > len(ids):
+        raise KVSqueezeError(f"a haystack of {tokens} tokens does not fit the {len(ids)}-token essays")
+    return tokenizer.decode(ids[offset_tokens : offset_tokens + tokens])
+
+
 def build_haystack(
     tokenizer: PreTrainedTokenizerBase,
     context_tokens: int,
@@ -49,18 +79,9 @@ def build_haystack(
     """About `context_tokens` tokens of essays with the needle at `depth` (0 = start,
     1 = end), placed at a sentence boundary. `offset_tokens` picks a different slice
     of the essays, for varied samples."""
-    if not 0.0 <= depth <= 1.0:
-        raise KVSqueezeError(f"needle depth must be in [0, 1], got {depth}")
     needle = NEEDLE.format(passphrase=passphrase)
-    ids = tokenizer(essays_text(), add_special_tokens=False)["input_ids"]
     budget = context_tokens - len(tokenizer(needle, add_special_tokens=False)["input_ids"]) - 2
     if budget < 1:
         raise KVSqueezeError(f"a haystack of {context_tokens} tokens is too short to hold the needle")
-    if offset_tokens + budget > len(ids):
-        raise KVSqueezeError(f"a haystack of {context_tokens} tokens does not fit the {len(ids)}-token essays")
-    text = tokenizer.decode(ids[offset_tokens : offset_tokens + budget])
-    cut = int(len(text) * depth)
-    boundary = text.rfind(". ", 0, cut)
-    cut = boundary + 2 if boundary >= 0 and depth > 0 else cut
-    context = f"{text[:cut]}{needle} {text[cut:]}".strip()
+    context = hide(essays_slice(tokenizer, budget, offset_tokens), [(depth, needle)])
     return Haystack(context=context, question=QUESTION, answer=passphrase)

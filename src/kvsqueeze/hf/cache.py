@@ -22,6 +22,14 @@ from kvsqueeze.store import FlatKV
 ATTENTION_NAME = "kvsqueeze"
 
 
+@dataclass(frozen=True)
+class LayerPrefill:
+    """One layer's dense prefill, everything a policy scores: queries, keys, values
+    and which tokens are real (not padding)."""
+
+    x: ScoreInput
+
+
 @dataclass
 class PendingStep:
     """What `update` hands to the attention function in place of key/value tensors:
@@ -46,6 +54,7 @@ class KVSqueezeLayer(CacheLayerMixin):
         self.seen = 0
         self.real_tokens: torch.Tensor | None = None  # [batch] unpadded tokens seen
         self.kept_after_prefill: torch.Tensor | None = None  # [batch, kv_heads]
+        self.recorder: list[LayerPrefill] | None = None  # set to keep the dense prefill (see hf/prefill.py)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -90,30 +99,36 @@ class KVSqueezeLayer(CacheLayerMixin):
         chunk_valid = None if padding_mask is None else padding_mask[:, -q_len:].to(torch.bool)
         if chunk_valid is not None and bool(chunk_valid.all()):
             chunk_valid = None
-        added = torch.full((b,), q_len, device=query.device) if chunk_valid is None else chunk_valid.sum(-1)
-        positions = torch.arange(self.seen, self.seen + q_len, device=query.device)
-
         if self.kv is None:
             out = dense_causal_attention(query, step.keys, step.values, chunk_valid, scaling, sliding_window)
             valid = (
                 torch.ones((b, q_len), dtype=torch.bool, device=query.device) if chunk_valid is None else chunk_valid
             )
-            x = ScoreInput(query, step.keys, step.values, valid, scaling, self.policy.window)
-            keep = self.policy.keep_mask(x, self.layer_idx, self.num_layers)
-            self.kv = FlatKV.from_dense(
-                step.keys.flatten(0, 1), step.values.flatten(0, 1), keep.flatten(0, 1), positions
-            )
-            self.kept_after_prefill = keep.sum(dim=-1)
-            self.real_tokens = added
-        else:
-            head_valid = None if chunk_valid is None else chunk_valid.repeat_interleave(hkv, dim=0)
-            self.kv.append(step.keys.flatten(0, 1), step.values.flatten(0, 1), positions, head_valid)
-            grouped = query.reshape(b * hkv, hq // hkv, q_len, d)
-            out = ragged_attention(grouped, self.kv, positions.expand(b * hkv, q_len), scaling, sliding_window)
-            out = out.view(b, hq, q_len, d)
-            self.real_tokens = self.real_tokens + added
+            prefill = LayerPrefill(ScoreInput(query, step.keys, step.values, valid, scaling, self.policy.window))
+            if self.recorder is not None:
+                self.recorder.append(prefill)
+            self.store_prefill(prefill)
+            return out
+        added = torch.full((b,), q_len, device=query.device) if chunk_valid is None else chunk_valid.sum(-1)
+        positions = torch.arange(self.seen, self.seen + q_len, device=query.device)
+        head_valid = None if chunk_valid is None else chunk_valid.repeat_interleave(hkv, dim=0)
+        self.kv.append(step.keys.flatten(0, 1), step.values.flatten(0, 1), positions, head_valid)
+        grouped = query.reshape(b * hkv, hq // hkv, q_len, d)
+        out = ragged_attention(grouped, self.kv, positions.expand(b * hkv, q_len), scaling, sliding_window)
+        self.real_tokens = self.real_tokens + added
         self.seen += q_len
-        return out
+        return out.view(b, hq, q_len, d)
+
+    def store_prefill(self, prefill: LayerPrefill, scores: torch.Tensor | None = None) -> None:
+        """Compress a dense prefill into this (empty) layer: keep what the policy picks."""
+        x = prefill.x
+        keep = self.policy.keep_mask(x, self.layer_idx, self.num_layers, scores)
+        b, _, t, _ = x.keys.shape
+        positions = torch.arange(t, device=x.keys.device)
+        self.kv = FlatKV.from_dense(x.keys.flatten(0, 1), x.values.flatten(0, 1), keep.flatten(0, 1), positions)
+        self.kept_after_prefill = keep.sum(dim=-1)
+        self.real_tokens = x.valid.sum(dim=-1)
+        self.seen = t
 
 
 def _text_config(model_or_config: PreTrainedModel | PreTrainedConfig) -> PreTrainedConfig:

@@ -37,8 +37,13 @@ class Policy:
     def compresses(self) -> bool:
         return self.scorer is not None and not self.budget.is_full
 
-    def keep_mask(self, x: ScoreInput, layer_idx: int, num_layers: int) -> torch.Tensor:
-        """keep[batch, kv_heads, tokens]: the tokens this layer keeps (never padding)."""
+    def keep_mask(
+        self, x: ScoreInput, layer_idx: int, num_layers: int, scores: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """keep[batch, kv_heads, tokens]: the tokens this layer keeps (never padding).
+
+        `scores` may pass in this policy's scorer output for `x`, computed earlier:
+        a sweep over budgets scores each prompt once."""
         b, hkv, t, _ = x.keys.shape
         valid = x.valid[:, None, :].expand(b, hkv, t)
         if not self.compresses:
@@ -48,7 +53,7 @@ class Policy:
         budget = self.schedule(mean_budget, layer_idx, num_layers, self.window, limit=n_valid)
         budget = torch.minimum(budget, n_valid)
 
-        scores = self.scorer(x).float().clone()
+        scores = (self.scorer(x) if scores is None else scores).float().clone()
         slot = torch.arange(t, device=scores.device)
         first_valid = (t - n_valid).view(b, 1)  # left padding: real tokens are the last n_valid slots
         protected_window = slot >= (t - torch.minimum(budget, torch.full_like(budget, self.window))).view(b, 1)

@@ -1,0 +1,100 @@
+"""One sample under every policy: the model runs over the prompt once, then each
+policy compresses that prefill (hf/prefill.py) and answers from its own cache."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from transformers import PreTrainedModel
+
+from kvsqueeze.eval.answer import greedy, stop_ids, token_logprobs
+from kvsqueeze.eval.metrics import score
+from kvsqueeze.eval.prompt import PromptFormat
+from kvsqueeze.eval.sample import Sample
+from kvsqueeze.hf.prefill import PrefillRecord, record_prefill
+from kvsqueeze.policy import Policy
+
+
+def budget_fields(policy: Policy) -> dict:
+    """The row's budget columns; the full cache is keep=1.0."""
+    if not policy.compresses:
+        return {"keep": 1.0, "tokens": None}
+    return {"keep": policy.budget.keep, "tokens": policy.budget.tokens}
+
+
+def _compress(model: PreTrainedModel, record: PrefillRecord, policy: Policy) -> tuple:
+    start = time.perf_counter()
+    cache = record.cache(model, policy)
+    seconds = time.perf_counter() - start
+    measured = {
+        "kv_bytes_stored": cache.nbytes,
+        "kv_bytes_full": cache.full_nbytes,
+        # The shared forward plus this policy's own scoring and compaction.
+        "prefill_seconds": round(record.seconds + seconds, 4),
+        "kept_tokens_per_head": cache.kept_tokens_per_head(0),
+    }
+    return cache, measured
+
+
+def evaluate_sample(
+    model: PreTrainedModel, fmt: PromptFormat, sample: Sample, policies: list[Policy], question_agnostic: bool
+) -> list[dict]:
+    """One row per policy: score, graded log-likelihood and the cache's cost."""
+    if sample.metric == "perplexity":
+        return _perplexity_rows(model, fmt, sample, policies)
+    context_ids, question_ids = fmt.encode(sample.context, sample.question, sample.answer_prefix)
+    target_ids = fmt.tokens(sample.target) if sample.target else []
+    prompt = context_ids if question_agnostic else context_ids + question_ids
+    stop = stop_ids(model)
+    rows = []
+    with torch.inference_mode():
+        record = record_prefill(model, torch.tensor([prompt], device=model.device))
+        for policy in policies:
+            cache, measured = _compress(model, record, policy)
+            logits = record.last_logits
+            if question_agnostic:  # the question reaches the compressed cache uncompressed
+                logits = model(torch.tensor([question_ids], device=model.device), past_key_values=cache).logits[:, -1]
+            answer = greedy(model, cache, logits, sample.max_new_tokens, stop)
+            prediction = fmt.tokenizer.decode(answer, skip_special_tokens=True)
+            answer_logprob = None
+            if target_ids:
+                fresh, _ = _compress(model, record, policy)
+                ids = (question_ids if question_agnostic else []) + target_ids
+                logprobs = token_logprobs(model, fresh, record.last_logits, ids)[-len(target_ids) :]
+                answer_logprob = round(float(logprobs.mean()), 4)
+            rows.append(
+                {
+                    "policy": policy.name,
+                    **budget_fields(policy),
+                    "score": score(sample.metric, prediction, sample.answers, sample.all_classes),
+                    "answer_logprob": answer_logprob,
+                    "prediction": prediction,
+                    "prompt_tokens": len(context_ids) + len(question_ids),
+                    **measured,
+                }
+            )
+    return rows
+
+
+def _perplexity_rows(model: PreTrainedModel, fmt: PromptFormat, sample: Sample, policies: list[Policy]) -> list[dict]:
+    context_ids, continuation_ids = fmt.tokens(sample.context), fmt.tokens(sample.continuation)
+    rows = []
+    with torch.inference_mode():
+        record = record_prefill(model, torch.tensor([context_ids], device=model.device))
+        for policy in policies:
+            cache, measured = _compress(model, record, policy)
+            nll = -float(token_logprobs(model, cache, record.last_logits, continuation_ids).mean())
+            rows.append(
+                {
+                    "policy": policy.name,
+                    **budget_fields(policy),
+                    "score": round(math.exp(nll), 4),
+                    "answer_logprob": round(-nll, 4),
+                    "prediction": "",
+                    "prompt_tokens": len(context_ids) + len(continuation_ids),
+                    **measured,
+                }
+            )
+    return rows

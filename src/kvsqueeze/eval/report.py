@@ -1,0 +1,113 @@
+"""summary.md: mean score per policy x budget (with the full-cache row), per task,
+mode and length, a per-subtask breakdown, and Ada-KV against its uniform twin."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kvsqueeze.eval.table import (
+    MODES,
+    budget_label,
+    family,
+    grouped,
+    mean,
+    ordered_budgets,
+    ordered_policies,
+)
+
+LOWER_IS_BETTER = {"ppl"}
+
+
+def _cell(value: float | None, digits: int = 3) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def _score_table(rows: list[dict]) -> list[str]:
+    budgets = ordered_budgets(rows)
+    by_cell = grouped(rows, lambda r: (r["policy"], budget_label(r)))
+    lines = ["| policy | " + " | ".join(budgets) + " |", "|---|" + "---|" * len(budgets)]
+    for policy in ordered_policies(rows):
+        if policy == "full":
+            full = _cell(mean(r["score"] for r in by_cell.get(("full", "full"), [])))
+            lines.append("| **full cache** | " + " | ".join([full] * len(budgets)) + " |")
+            continue
+        cells = [_cell(mean(r["score"] for r in by_cell.get((policy, b), []))) for b in budgets]
+        lines.append(f"| {policy} | " + " | ".join(cells) + " |")
+    compressed = grouped((r for r in rows if r["policy"] != "full"), budget_label)
+    stored = [_cell(mean(r["kv_bytes_stored"] / r["kv_bytes_full"] for r in compressed[b]), 2) for b in budgets]
+    lines.append("| *KV stored / full (mean)* | " + " | ".join(stored) + " |")
+    return lines
+
+
+def _subtask_table(rows: list[dict]) -> list[str]:
+    tasks = sorted({r["task"] for r in rows})
+    by_cell = grouped(rows, lambda r: (r["policy"], budget_label(r), r["task"]))
+    names = [t.split("/", 1)[1] for t in tasks]
+    lines = ["| policy | budget | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(tasks)]
+    for policy in ordered_policies(rows):
+        for budget in ["full"] if policy == "full" else ordered_budgets(rows):
+            cells = [_cell(mean(r["score"] for r in by_cell.get((policy, budget, t), [])), 2) for t in tasks]
+            lines.append(f"| {policy} | {budget} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _ada_comparison(rows: list[dict]) -> list[str]:
+    policies = set(r["policy"] for r in rows)
+    pairs = [(p, p.removeprefix("ada-")) for p in sorted(policies) if p.startswith("ada-") and p[4:] in policies]
+    if not pairs:
+        return []
+    lines = [
+        "| Ada variant | uniform twin | budget | score (Ada) | score (uniform) | Δ score "
+        "| answer log-prob (Ada) | (uniform) | Δ log-prob | samples Ada better / same / worse |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    by_sample = grouped(rows, lambda r: (r["policy"], budget_label(r), r["task"], r["sample"], r["length"], r["depth"]))
+    for ada, uniform in pairs:
+        for budget in ordered_budgets(rows):
+            a = [r for r in rows if r["policy"] == ada and budget_label(r) == budget]
+            u = [r for r in rows if r["policy"] == uniform and budget_label(r) == budget]
+            if not a or not u:
+                continue
+            wins = [0, 0, 0]
+            for r in a:
+                twin = by_sample.get((uniform, budget, r["task"], r["sample"], r["length"], r["depth"]))
+                if twin:
+                    diff = r["score"] - twin[0]["score"]
+                    wins[0 if diff > 1e-9 else 1 if abs(diff) <= 1e-9 else 2] += 1
+            sa, su = mean(r["score"] for r in a), mean(r["score"] for r in u)
+            la, lu = mean(r.get("answer_logprob") for r in a), mean(r.get("answer_logprob") for r in u)
+            delta_l = None if la is None or lu is None else la - lu
+            lines.append(
+                f"| {ada} | {uniform} | {budget} | {_cell(sa)} | {_cell(su)} | {sa - su:+.3f} | {_cell(la)} "
+                f"| {_cell(lu)} | {'—' if delta_l is None else f'{delta_l:+.3f}'} | {wins[0]} / {wins[1]} / {wins[2]} |"
+            )
+    return lines
+
+
+def summary_markdown(rows: list[dict]) -> str:
+    models = sorted({r["model"] for r in rows})
+    out = [f"# kvsqueeze eval — {', '.join(models)}", "", f"{len(rows)} rows (results.jsonl); scores are sample means."]
+    for (fam, agnostic), part in sorted(grouped(rows, lambda r: (family(r["task"]), r["question_agnostic"])).items()):
+        direction = "perplexity, lower is better" if fam in LOWER_IS_BETTER else "higher is better"
+        heading = f"## {fam} — {MODES[agnostic]}" if fam not in LOWER_IS_BETTER else f"## {fam}"
+        out += ["", heading, "", f"Score: {direction}. All lengths:", "", *_score_table(part)]
+        lengths = sorted({r["length"] for r in part})
+        if len(lengths) > 1:
+            for length in lengths:
+                out += ["", f"Length {length}:", "", *_score_table([r for r in part if r["length"] == length])]
+        if len({r["task"] for r in part}) > 1:
+            out += ["", "By subtask (all lengths):", "", *_subtask_table(part)]
+        if fam not in LOWER_IS_BETTER:
+            comparison = _ada_comparison(part)
+            if comparison:
+                out += ["", "Ada-KV against its uniform twin (same scorer, same total budget):", "", *comparison]
+    return "\n".join(out) + "\n"
+
+
+def write_reports(rows: list[dict], out: Path) -> None:
+    """summary.md and the PNG plots, from every row so far."""
+    from kvsqueeze.eval.plots import write_plots
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.md").write_text(summary_markdown(rows), encoding="utf-8")
+    write_plots(rows, out)

@@ -1,0 +1,36 @@
+"""results.jsonl: one row per (sample, policy, budget), appended as they finish, so
+an interrupted sweep resumes where it stopped."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+UNIT_FIELDS = ("model", "task", "sample", "length", "depth", "question_agnostic", "seed")
+ROW_FIELDS = (*UNIT_FIELDS, "policy", "keep", "tokens")
+TIMING_FIELDS = ("prefill_seconds",)  # measured, so not expected to repeat exactly
+
+
+def row_key(row: dict) -> tuple:
+    return tuple(row.get(f) for f in ROW_FIELDS)
+
+
+def read_rows(path: Path) -> list[dict]:
+    """Rows already written; a line cut short by a crash is skipped (and redone)."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def append_rows(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+        f.flush()

@@ -1,0 +1,69 @@
+"""The sweep: samples x policies x budgets, resumable, in process or on Ray.
+
+Re-running with the same arguments skips every row already in results.jsonl; a
+sample whose rows are all there is not even prefilled. Samples, greedy decoding
+and the random scorer are all seeded, so a rerun gives the same rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+from tqdm import tqdm
+
+from kvsqueeze.errors import KVSqueezeError
+from kvsqueeze.eval.config import EvalConfig
+from kvsqueeze.eval.evaluate import budget_fields
+from kvsqueeze.eval.results import append_rows, read_rows, row_key
+from kvsqueeze.eval.tasks import TaskRequest, get_task
+from kvsqueeze.eval.unit import Unit, loaded, run_unit, unit_fields
+from kvsqueeze.hf.models import max_context
+
+RESULTS = "results.jsonl"
+
+
+def plan(config: EvalConfig, done: set[tuple]) -> Iterator[Unit]:
+    """The units still to run, each with the policies its sample lacks."""
+    model, fmt = loaded(config.model, config.dtype, config.device)
+    limit = max_context(model)
+    for length in config.lengths:
+        if length + 64 > limit:
+            raise KVSqueezeError(f"length {length} is longer than {config.model} allows ({limit} positions)")
+    request = TaskRequest(config.lengths, config.depths, config.samples, config.seed, config.data)
+    grid = config.policy_grid()
+    for sample in get_task(config.task).samples(fmt, request):
+        if sample.length + sample.max_new_tokens > limit:
+            raise KVSqueezeError(
+                f"{sample.task} sample {sample.index}: {sample.length} prompt tokens are more than "
+                f"{config.model} allows ({limit} positions)"
+            )
+        fields = unit_fields(config, sample)
+        todo = tuple(
+            i
+            for i, policy in enumerate(grid)
+            if row_key({**fields, "policy": policy.name, **budget_fields(policy)}) not in done
+        )
+        if todo:
+            yield Unit(sample, todo)
+
+
+def run_eval(config: EvalConfig, ray_address: str | None = None) -> Path:
+    """Run what is missing of the sweep, then write the reports; returns results.jsonl.
+    `ray_address`: None runs in this process, "local" starts Ray here, else a cluster."""
+    config.validate()
+    results = config.out / RESULTS
+    done = {row_key(row) for row in read_rows(results)}
+    units = list(tqdm(plan(config, done), desc="building samples", unit="sample", leave=False))
+    if ray_address is None:
+        for unit in tqdm(units, desc=f"eval {config.task}", unit="sample"):
+            append_rows(results, run_unit(config, unit))
+    else:
+        from kvsqueeze.eval.ray_runner import run_units_on_ray
+
+        for rows in tqdm(run_units_on_ray(config, units, ray_address), total=len(units), desc="eval on ray"):
+            append_rows(results, rows)
+    from kvsqueeze.eval.report import write_reports
+
+    write_reports(read_rows(results), config.out)
+    return results
