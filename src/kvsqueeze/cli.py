@@ -148,10 +148,88 @@ def bench(
     bench_table(rows, f"{model}, {device} {dtype}, batch {batch}, context {context}, {new_tokens} steps")
 
 
+def _numbers(text: str | None, kind: type, option: str) -> tuple:
+    if text is None:
+        return ()
+    try:
+        return tuple(kind(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise KVSqueezeError(f"{option} takes comma-separated numbers, got {text!r}") from None
+
+
+@app.command("eval")
+def evaluate(
+    model: ModelOption = "smollm2-135m",
+    task: Annotated[str, typer.Option("--task", help="needle, ruler, ppl or longbench")] = "needle",
+    policies: Annotated[str, typer.Option("--policies", help="comma-separated policy names")] = DEFAULT_BENCH,
+    keep: Annotated[str | None, typer.Option("--keep", help="keep ratios, e.g. 0.1,0.2")] = None,
+    tokens: Annotated[str | None, typer.Option("--tokens", help="tokens per head, e.g. 128,256")] = None,
+    lengths: Annotated[str | None, typer.Option("--lengths", help="prompt lengths in tokens")] = None,
+    depths: Annotated[str, typer.Option("--depths", help="needle depths in [0, 1]")] = "0.1,0.5,0.9",
+    samples: Annotated[int, typer.Option("--samples", help="samples per cell (per dataset for longbench)")] = 1,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    question_agnostic: Annotated[
+        bool, typer.Option("--question-agnostic", help="compress the context before the question is seen")
+    ] = False,
+    data: Annotated[Path | None, typer.Option("--data", help="LongBench-format JSONL file")] = None,
+    ray: Annotated[
+        str | None, typer.Option("--ray", help="run on Ray: bare --ray starts it locally, or give ADDRESS")
+    ] = None,
+    window: WindowOption = 32,
+    alpha: AlphaOption = 0.2,
+    dtype: Annotated[str, typer.Option("--dtype", help="bf16, fp16 or fp32")] = "fp32",
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda")] = "cpu",
+    out: Annotated[Path, typer.Option("--out", help="folder for results.jsonl, summary.md and plots")] = Path(
+        "eval-results"
+    ),
+) -> None:
+    """Score policies x budgets x lengths on a task; resumable; writes JSONL, markdown and plots."""
+    from kvsqueeze.eval.config import EvalConfig
+    from kvsqueeze.eval.runner import run_eval
+
+    try:
+        if dtype not in DTYPES:
+            raise KVSqueezeError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+        if device not in ("cpu", "cuda"):
+            raise KVSqueezeError(f"unknown device {device!r}; choose cpu or cuda")
+        config = EvalConfig(
+            model=model,
+            task=task,
+            policies=tuple(p.strip() for p in policies.split(",") if p.strip()),
+            out=out,
+            keeps=_numbers(keep, float, "--keep"),
+            tokens=_numbers(tokens, int, "--tokens"),
+            lengths=_numbers(lengths, int, "--lengths"),
+            depths=_numbers(depths, float, "--depths"),
+            samples=samples,
+            seed=seed,
+            question_agnostic=question_agnostic,
+            data=data,
+            window=window,
+            alpha=alpha,
+            dtype=DTYPES[dtype],
+            device=device,
+        )
+        results = run_eval(config, ray_address=ray)
+    except ValueError as err:
+        fail(str(err))
+    typer.echo(f"wrote {results}, {out / 'summary.md'} and plots in {out}")
+
+
+def with_bare_ray(argv: list[str]) -> list[str]:
+    """`--ray` takes an optional ADDRESS: a bare `--ray` means a local Ray."""
+    fixed = []
+    for i, arg in enumerate(argv):
+        fixed.append(arg)
+        if arg == "--ray" and (i + 1 == len(argv) or argv[i + 1].startswith("-")):
+            fixed.append("local")
+    return fixed
+
+
 def main() -> None:
     # Usage errors (a mistyped option or value) get the same one-line form as bad input.
     try:
-        code = app(standalone_mode=False)
+        code = app(args=with_bare_ray(sys.argv[1:]), standalone_mode=False)
     except UsageError as err:
         if err.format_message():  # empty when the help was shown for a bare `kvsqueeze`
             typer.echo(f"error: {err.format_message()}", err=True)

@@ -3,6 +3,8 @@ log-probability of given tokens (teacher forcing), both one sequence at a time."
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from transformers import PreTrainedModel
 
@@ -15,19 +17,25 @@ def stop_ids(model: PreTrainedModel) -> set[int]:
 
 
 def greedy(
-    model: PreTrainedModel, cache: KVSqueezeCache, logits: torch.Tensor, max_new_tokens: int, stop: set[int]
+    model: PreTrainedModel,
+    cache: KVSqueezeCache,
+    logits: torch.Tensor,
+    max_new_tokens: int,
+    stop: set[int],
+    ends_answer: Callable[[list[int]], bool] | None = None,
 ) -> list[int]:
     """Tokens picked greedily, starting from next-token `logits` [1, vocab], until a
-    stop token or `max_new_tokens`."""
+    stop token, `ends_answer(tokens)` or `max_new_tokens`."""
     tokens: list[int] = []
     while len(tokens) < max_new_tokens:
         token = int(logits[0].argmax())
         if token in stop:
             break
         tokens.append(token)
-        if len(tokens) < max_new_tokens:
-            step = torch.tensor([[token]], device=model.device)
-            logits = model(step, past_key_values=cache, use_cache=True).logits[:, -1]
+        if len(tokens) == max_new_tokens or (ends_answer is not None and ends_answer(tokens)):
+            break
+        step = torch.tensor([[token]], device=model.device)
+        logits = model(step, past_key_values=cache, use_cache=True).logits[:, -1]
     return tokens
 
 

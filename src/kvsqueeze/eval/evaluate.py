@@ -48,6 +48,10 @@ def evaluate_sample(
     target_ids = fmt.tokens(sample.target) if sample.target else []
     prompt = context_ids if question_agnostic else context_ids + question_ids
     stop = stop_ids(model)
+
+    def ends_answer(tokens: list[int]) -> bool:
+        return sample.single_line and "\n" in fmt.tokenizer.decode(tokens, skip_special_tokens=True).lstrip()
+
     rows = []
     with torch.inference_mode():
         record = record_prefill(model, torch.tensor([prompt], device=model.device))
@@ -56,7 +60,7 @@ def evaluate_sample(
             logits = record.last_logits
             if question_agnostic:  # the question reaches the compressed cache uncompressed
                 logits = model(torch.tensor([question_ids], device=model.device), past_key_values=cache).logits[:, -1]
-            answer = greedy(model, cache, logits, sample.max_new_tokens, stop)
+            answer = greedy(model, cache, logits, sample.max_new_tokens, stop, ends_answer)
             prediction = fmt.tokenizer.decode(answer, skip_special_tokens=True)
             answer_logprob = None
             if target_ids:

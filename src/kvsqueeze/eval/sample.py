@@ -28,3 +28,4 @@ class Sample:
     target: str = ""
     all_classes: tuple[str, ...] = ()
     continuation: str = ""
+    single_line: bool = True  # the answer ends at its first line break (short-answer tasks)

@@ -121,5 +121,6 @@ class LongBenchTask:
                     answer_prefix=prefix,
                     target=" " + answers[0],
                     all_classes=tuple(str(c) for c in record.get("all_classes") or ()),
+                    single_line=metric not in ("rouge", "code_sim"),
                 )
             taken[dataset] += 1
