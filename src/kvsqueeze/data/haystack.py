@@ -47,15 +47,20 @@ def essay_tokens(tokenizer: PreTrainedTokenizerBase) -> list[int]:
 
 def hide(text: str, needles: list[tuple[float, str]]) -> str:
     """`text` with each (depth, sentence) inserted at that depth (0 = start, 1 = end),
-    at the sentence boundary just before it."""
+    at the nearest sentence boundary before it (or after, when there is none
+    before), so that no sentence or word is cut."""
     pieces, done = [], 0
     for depth, sentence in sorted(needles, key=lambda n: n[0]):
         if not 0.0 <= depth <= 1.0:
             raise KVSqueezeError(f"needle depth must be in [0, 1], got {depth}")
         cut = max(int(len(text) * depth), done)
-        boundary = text.rfind(". ", done, cut)
-        cut = boundary + 2 if boundary >= 0 and depth > 0 else cut
-        pieces += [text[done:cut], sentence + " "]
+        if 0 < cut < len(text):
+            before = max(text.rfind(". ", done, cut), text.rfind(".\n", done, cut))
+            after = min((i for i in (text.find(". ", cut), text.find(".\n", cut)) if i >= 0), default=-1)
+            boundary = before if before >= 0 else after
+            cut = boundary + 2 if boundary >= 0 else text.rfind(" ", done, cut) + 1 or cut
+        head = text[done:cut]
+        pieces += [head, (" " if head and not head[-1].isspace() else "") + sentence + " "]
         done = cut
     pieces.append(text[done:])
     return "".join(pieces).strip()
