@@ -45,7 +45,12 @@ def test_classification():
     assert score("classification", "Country", ("City",), classes) == 0.0
     assert score("classification", "City or Country", ("City",), classes) == 0.5
     # a class that is only part of the reference's name is not counted against it
-    assert lb.classification_score("Distance, linear measure", "Distance, linear measure", ("Distance", "Distance, linear measure")) == 1.0
+    assert (
+        lb.classification_score(
+            "Distance, linear measure", "Distance, linear measure", ("Distance", "Distance, linear measure")
+        )
+        == 1.0
+    )
 
 
 def test_retrieval_and_count():

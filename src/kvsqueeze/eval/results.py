@@ -30,7 +30,10 @@ def read_rows(path: Path) -> list[dict]:
 
 def append_rows(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    cut_short = path.is_file() and path.stat().st_size and not path.read_bytes().endswith(b"\n")
     with path.open("a", encoding="utf-8") as f:
+        if cut_short:  # start after the partial line a crash left, not on it
+            f.write("\n")
         for row in rows:
             f.write(json.dumps(row) + "\n")
         f.flush()

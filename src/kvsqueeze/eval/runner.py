@@ -54,7 +54,7 @@ def run_eval(config: EvalConfig, ray_address: str | None = None) -> Path:
     config.validate()
     results = config.out / RESULTS
     done = {row_key(row) for row in read_rows(results)}
-    units = list(tqdm(plan(config, done), desc="building samples", unit="sample", leave=False))
+    units = list(plan(config, done))  # builds every sample first: bad input fails before any row runs
     if ray_address is None:
         for unit in tqdm(units, desc=f"eval {config.task}", unit="sample"):
             append_rows(results, run_unit(config, unit))
