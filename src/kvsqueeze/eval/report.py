@@ -4,6 +4,7 @@ mode and length, a per-subtask breakdown, and Ada-KV against its uniform twin.""
 from __future__ import annotations
 
 from pathlib import Path
+from statistics import pstdev
 
 from kvsqueeze.eval.table import (
     MODES,
@@ -16,6 +17,10 @@ from kvsqueeze.eval.table import (
 )
 
 LOWER_IS_BETTER = {"ppl"}
+ADA_HEADING = (
+    "Ada-KV against its uniform twin (same scorer, same total budget). Head spread: the coefficient of "
+    "variation of Ada's per-head budgets within a layer, averaged over layers (0 = uniform):"
+)
 
 
 def _cell(value: float | None, digits: int = 3) -> str:
@@ -51,6 +56,15 @@ def _subtask_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def head_spread(row: dict) -> float | None:
+    """How unequal the heads' budgets are: the coefficient of variation of tokens
+    kept per kv-head within a layer, averaged over layers (0 = uniform)."""
+    layers = [heads for heads in row.get("kept_tokens_per_head") or [] if len(heads) > 1 and sum(heads)]
+    if not layers:
+        return None
+    return mean(pstdev(heads) / (sum(heads) / len(heads)) for heads in layers)
+
+
 def _ada_comparison(rows: list[dict]) -> list[str]:
     policies = set(r["policy"] for r in rows)
     pairs = [(p, p.removeprefix("ada-")) for p in sorted(policies) if p.startswith("ada-") and p[4:] in policies]
@@ -58,8 +72,8 @@ def _ada_comparison(rows: list[dict]) -> list[str]:
         return []
     lines = [
         "| Ada variant | uniform twin | budget | score (Ada) | score (uniform) | Δ score "
-        "| answer log-prob (Ada) | (uniform) | Δ log-prob | samples Ada better / same / worse |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| answer log-prob (Ada) | (uniform) | Δ log-prob | samples Ada better / same / worse | Ada head spread |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     by_sample = grouped(rows, lambda r: (r["policy"], budget_label(r), r["task"], r["sample"], r["length"], r["depth"]))
     for ada, uniform in pairs:
@@ -79,7 +93,8 @@ def _ada_comparison(rows: list[dict]) -> list[str]:
             delta_l = None if la is None or lu is None else la - lu
             lines.append(
                 f"| {ada} | {uniform} | {budget} | {_cell(sa)} | {_cell(su)} | {sa - su:+.3f} | {_cell(la)} "
-                f"| {_cell(lu)} | {'—' if delta_l is None else f'{delta_l:+.3f}'} | {wins[0]} / {wins[1]} / {wins[2]} |"
+                f"| {_cell(lu)} | {'—' if delta_l is None else f'{delta_l:+.3f}'} | {wins[0]} / {wins[1]} / {wins[2]} "
+                f"| {_cell(mean(head_spread(r) for r in a), 2)} |"
             )
     return lines
 
@@ -100,7 +115,7 @@ def summary_markdown(rows: list[dict]) -> str:
         if fam not in LOWER_IS_BETTER:
             comparison = _ada_comparison(part)
             if comparison:
-                out += ["", "Ada-KV against its uniform twin (same scorer, same total budget):", "", *comparison]
+                out += ["", ADA_HEADING, "", *comparison]
     return "\n".join(out) + "\n"
 
 
