@@ -39,9 +39,7 @@ def greedy(
     return tokens
 
 
-def token_logprobs(
-    model: PreTrainedModel, cache: KVSqueezeCache, logits: torch.Tensor, ids: list[int]
-) -> torch.Tensor:
+def token_logprobs(model: PreTrainedModel, cache: KVSqueezeCache, logits: torch.Tensor, ids: list[int]) -> torch.Tensor:
     """log p(ids[i] | everything before it) for each i, where `logits` [1, vocab]
     predicts ids[0] and the cache holds what came before. The ids enter the cache."""
     out = model(torch.tensor([ids], device=model.device), past_key_values=cache, use_cache=True).logits

@@ -50,9 +50,7 @@ def plot_score_vs_budget(rows: list[dict], title: str, path: Path) -> None:
 
 def plot_needle_heatmaps(rows: list[dict], title: str, path: Path) -> None:
     """One panel per policy and budget: mean score by depth (rows) and length (columns)."""
-    panels = [("full", "full")] + [
-        (p, b) for b in ordered_budgets(rows) for p in ordered_policies(rows) if p != "full"
-    ]
+    panels = [("full", "full")] + [(p, b) for b in ordered_budgets(rows) for p in ordered_policies(rows) if p != "full"]
     panels = [(p, b) for p, b in panels if any(r["policy"] == p and budget_label(r) == b for r in rows)]
     depths = sorted({r["depth"] for r in rows})
     lengths = sorted({r["length"] for r in rows})

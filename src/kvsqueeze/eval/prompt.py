@@ -33,9 +33,7 @@ class PromptFormat:
     def tokens(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def fit(
-        self, make_context: Callable[[int], str], question: str, answer_prefix: str, length: int, most: int
-    ) -> str:
+    def fit(self, make_context: Callable[[int], str], question: str, answer_prefix: str, length: int, most: int) -> str:
         """The context make_context(n) for the largest n in [1, most] whose whole
         prompt is at most `length` tokens (binary search: prompts grow with n)."""
         lo, hi = 1, most

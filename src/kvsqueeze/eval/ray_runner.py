@@ -29,4 +29,3 @@ def run_units_on_ray(config: EvalConfig, units: list[Unit], address: str) -> Ite
     while pending:
         finished, pending = ray.wait(pending, num_returns=1)
         yield ray.get(finished[0])
-

@@ -9,7 +9,7 @@ MODES = {False: "question-aware", True: "question-agnostic"}
 
 
 def family(task: str) -> str:
-    """"ruler/niah_multikey" -> "ruler"."""
+    """ "ruler/niah_multikey" -> "ruler"."""
     return task.split("/", 1)[0]
 
 

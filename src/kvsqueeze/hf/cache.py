@@ -15,7 +15,7 @@ import torch
 from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from kvsqueeze.ops import dense_causal_attention, ragged_attention
+from kvsqueeze.ops import append_tokens, dense_causal_attention, policy_scores, ragged_attention
 from kvsqueeze.policy import Policy, ScoreInput
 from kvsqueeze.store import FlatKV
 
@@ -112,7 +112,7 @@ class KVSqueezeLayer(CacheLayerMixin):
         added = torch.full((b,), q_len, device=query.device) if chunk_valid is None else chunk_valid.sum(-1)
         positions = torch.arange(self.seen, self.seen + q_len, device=query.device)
         head_valid = None if chunk_valid is None else chunk_valid.repeat_interleave(hkv, dim=0)
-        self.kv.append(step.keys.flatten(0, 1), step.values.flatten(0, 1), positions, head_valid)
+        append_tokens(self.kv, step.keys.flatten(0, 1), step.values.flatten(0, 1), positions, head_valid)
         grouped = query.reshape(b * hkv, hq // hkv, q_len, d)
         out = ragged_attention(grouped, self.kv, positions.expand(b * hkv, q_len), scaling, sliding_window)
         self.real_tokens = self.real_tokens + added
@@ -122,6 +122,8 @@ class KVSqueezeLayer(CacheLayerMixin):
     def store_prefill(self, prefill: LayerPrefill, scores: torch.Tensor | None = None) -> None:
         """Compress a dense prefill into this (empty) layer: keep what the policy picks."""
         x = prefill.x
+        if scores is None and self.policy.compresses:
+            scores = policy_scores(self.policy.scorer, x)  # fused on GPU for SnapKV
         keep = self.policy.keep_mask(x, self.layer_idx, self.num_layers, scores)
         b, _, t, _ = x.keys.shape
         positions = torch.arange(t, device=x.keys.device)

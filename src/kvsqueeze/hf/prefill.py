@@ -17,6 +17,7 @@ import torch
 from transformers import PreTrainedModel
 
 from kvsqueeze.hf.cache import KVSqueezeCache, LayerPrefill
+from kvsqueeze.ops import policy_scores
 from kvsqueeze.policy import Policy, make_policy
 
 
@@ -43,7 +44,7 @@ class PrefillRecord:
             return None
         key = (layer_idx, policy.scorer, policy.window)
         if key not in self._scores:
-            self._scores[key] = policy.scorer(x)
+            self._scores[key] = policy_scores(policy.scorer, x)
         return self._scores[key]
 
 

@@ -4,6 +4,9 @@ It runs anywhere and is the oracle for the GPU kernels. Every (sequence, kv-head
 one run of keys; its GQA group of query heads attends to that run as one sequence
 of group x queries rows, so K/V are never repeated and nothing is padded. The runs
 are views into the store: no copy of the cache is made.
+
+On CUDA, a decode step (one query per head) goes to the Triton kernel in
+triton_decode.py when triton is installed; everything else takes this reference.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kvsqueeze.ops._triton import use_triton
 from kvsqueeze.store import FlatKV
 
 
@@ -28,6 +32,21 @@ def ragged_attention(
     sliding window, fewer than `sliding_window` behind it). A query that sees no
     entry gets zeros. Returns [heads, group, q, head_dim].
     """
+    if query.shape[2] == 1 and use_triton(query, kv.keys) and query.dtype == kv.keys.dtype:
+        from kvsqueeze.ops.triton_decode import ragged_decode_attention
+
+        return ragged_decode_attention(query, kv, scaling, query_positions, sliding_window)
+    return ragged_attention_reference(query, kv, query_positions, scaling, sliding_window)
+
+
+def ragged_attention_reference(
+    query: torch.Tensor,
+    kv: FlatKV,
+    query_positions: torch.Tensor,
+    scaling: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """ragged_attention in plain torch on any device: the oracle for the kernels."""
     h, g, q, d = query.shape
     out = query.new_zeros(query.shape)
     # The usual decode step (one query, newer than every entry) needs no mask at all.

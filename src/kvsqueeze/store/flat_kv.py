@@ -126,8 +126,7 @@ class FlatKV:
         else:
             added = valid.sum(dim=-1)
             offsets = torch.cumsum(valid, dim=-1) - 1
-        if self._headroom < q:
-            self._ensure_capacity(added)
+        self.reserve(q, added)
         slots = self.starts[:, None] + self.lengths[:, None] + offsets
         if valid is None:
             slots, keys, values, positions = (
@@ -142,6 +141,12 @@ class FlatKV:
         self.values[slots] = values.to(self.values.dtype)
         self.positions[slots] = positions.to(torch.int32)
         self.lengths += added
+
+    def reserve(self, q: int, added: torch.Tensor) -> None:
+        """Make room for `added[h]` (at most q) more entries in every head; the caller
+        then writes them after each head's live run (append, or a GPU kernel)."""
+        if self._headroom < q:
+            self._ensure_capacity(added)
         self._headroom -= q
 
     def _ensure_capacity(self, added: torch.Tensor) -> None:
