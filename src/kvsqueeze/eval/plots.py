@@ -56,7 +56,8 @@ def plot_needle_heatmaps(rows: list[dict], title: str, path: Path) -> None:
     lengths = sorted({r["length"] for r in rows})
     cols = min(4, len(panels))
     nrows = (len(panels) + cols - 1) // cols
-    fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 2.6 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 3.0 * nrows), squeeze=False)
+    fig.subplots_adjust(hspace=0.45, wspace=0.35)
     cells = grouped(rows, lambda r: (r["policy"], budget_label(r), r["depth"], r["length"]))
     image = None
     for ax, (policy, budget) in zip(axes.flat, panels, strict=False):
