@@ -30,6 +30,8 @@ def _cell(value: float | None, digits: int = 3) -> str:
 def _score_table(rows: list[dict]) -> list[str]:
     budgets = ordered_budgets(rows)
     by_cell = grouped(rows, lambda r: (r["policy"], budget_label(r)))
+    if not budgets:  # only the full cache was run
+        return ["| policy | score |", "|---|---|", f"| **full cache** | {_cell(mean(r['score'] for r in rows))} |"]
     lines = ["| policy | " + " | ".join(budgets) + " |", "|---|" + "---|" * len(budgets)]
     for policy in ordered_policies(rows):
         if policy == "full":
