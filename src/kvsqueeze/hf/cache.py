@@ -22,14 +22,6 @@ from kvsqueeze.store import FlatKV
 ATTENTION_NAME = "kvsqueeze"
 
 
-@dataclass(frozen=True)
-class LayerPrefill:
-    """One layer's dense prefill, everything a policy scores: queries, keys, values
-    and which tokens are real (not padding)."""
-
-    x: ScoreInput
-
-
 @dataclass
 class PendingStep:
     """What `update` hands to the attention function in place of key/value tensors:
@@ -54,7 +46,7 @@ class KVSqueezeLayer(CacheLayerMixin):
         self.seen = 0
         self.real_tokens: torch.Tensor | None = None  # [batch] unpadded tokens seen
         self.kept_after_prefill: torch.Tensor | None = None  # [batch, kv_heads]
-        self.recorder: list[LayerPrefill] | None = None  # set to keep the dense prefill (see hf/prefill.py)
+        self.recorder: list[ScoreInput] | None = None  # set to keep the dense prefill (see hf/prefill.py)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -104,7 +96,7 @@ class KVSqueezeLayer(CacheLayerMixin):
             valid = (
                 torch.ones((b, q_len), dtype=torch.bool, device=query.device) if chunk_valid is None else chunk_valid
             )
-            prefill = LayerPrefill(ScoreInput(query, step.keys, step.values, valid, scaling, self.policy.window))
+            prefill = ScoreInput(query, step.keys, step.values, valid, scaling, self.policy.window)
             if self.recorder is not None:
                 self.recorder.append(prefill)
             self.store_prefill(prefill)
@@ -119,13 +111,13 @@ class KVSqueezeLayer(CacheLayerMixin):
         self.seen += q_len
         return out.view(b, hq, q_len, d)
 
-    def store_prefill(self, prefill: LayerPrefill, scores: torch.Tensor | None = None) -> None:
-        """Compress a dense prefill into this (empty) layer: keep what the policy picks."""
-        x = prefill.x
+    def store_prefill(self, x: ScoreInput, scores: torch.Tensor | None = None) -> None:
+        """Compress a dense prefill (everything a policy scores: queries, keys, values,
+        real-token mask) into this empty layer: keep what the policy picks."""
         if scores is None and self.policy.compresses:
             scores = policy_scores(self.policy.scorer, x)  # fused on GPU for SnapKV
         keep = self.policy.keep_mask(x, self.layer_idx, self.num_layers, scores)
-        b, _, t, _ = x.keys.shape
+        t = x.keys.shape[2]
         positions = torch.arange(t, device=x.keys.device)
         self.kv = FlatKV.from_dense(x.keys.flatten(0, 1), x.values.flatten(0, 1), keep.flatten(0, 1), positions)
         self.kept_after_prefill = keep.sum(dim=-1)

@@ -4,7 +4,7 @@ Prefill attention is dense whatever the policy: compression only decides what la
 tokens see. So the queries, keys and values of one prefill are all any policy needs,
 and a sweep can run the model over a prompt once, then build a compressed cache per
 policy and budget from the record. The caches are the ones a fresh run would build
-(tests/test_prefill.py checks that), and each scorer runs once per prompt, whatever
+(tests/test_prefill_record.py checks that), and each scorer runs once per prompt, whatever
 the number of budgets.
 """
 
@@ -16,16 +16,16 @@ import time
 import torch
 from transformers import PreTrainedModel
 
-from kvsqueeze.hf.cache import KVSqueezeCache, LayerPrefill
+from kvsqueeze.hf.cache import KVSqueezeCache
 from kvsqueeze.ops import policy_scores
-from kvsqueeze.policy import Policy, make_policy
+from kvsqueeze.policy import Policy, ScoreInput, make_policy
 
 
 @dataclasses.dataclass
 class PrefillRecord:
     """The dense prefill of one batch of prompts."""
 
-    layers: list[LayerPrefill]
+    layers: list[ScoreInput]  # per layer: queries, keys, values, real-token mask
     last_logits: torch.Tensor  # [batch, vocab]: the next-token logits after the prompt
     seconds: float  # wall time of the model forward
     _scores: dict = dataclasses.field(default_factory=dict, repr=False)
@@ -34,12 +34,12 @@ class PrefillRecord:
         """A cache holding this prompt compressed by `policy`, ready to decode."""
         cache = KVSqueezeCache(model, policy)
         for layer, prefill in zip(cache.layers, self.layers, strict=True):
-            x = dataclasses.replace(prefill.x, window=policy.window)
+            x = dataclasses.replace(prefill, window=policy.window)
             layer.lazy_initialization(x.keys, x.values)
-            layer.store_prefill(LayerPrefill(x), self._layer_scores(layer.layer_idx, policy, x))
+            layer.store_prefill(x, self._layer_scores(layer.layer_idx, policy, x))
         return cache
 
-    def _layer_scores(self, layer_idx: int, policy: Policy, x) -> torch.Tensor | None:
+    def _layer_scores(self, layer_idx: int, policy: Policy, x: ScoreInput) -> torch.Tensor | None:
         if not policy.compresses:
             return None
         key = (layer_idx, policy.scorer, policy.window)
@@ -52,7 +52,7 @@ def record_prefill(model: PreTrainedModel, input_ids: torch.Tensor) -> PrefillRe
     """Run the model once over `input_ids` [batch, tokens] and keep every layer's
     dense prefill."""
     recording = KVSqueezeCache(model, make_policy("full"))
-    layers: list[LayerPrefill] = []
+    layers: list[ScoreInput] = []
     for layer in recording.layers:
         layer.recorder = layers
     with torch.inference_mode():

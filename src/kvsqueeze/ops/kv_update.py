@@ -47,22 +47,19 @@ def compact(kv: FlatKV, keep: torch.Tensor, slack: torch.Tensor | int = 0) -> Fl
 
 
 def _compact_torch(kv: FlatKV, keep: torch.Tensor, slack: torch.Tensor | int) -> FlatKV:
-    keep = keep & (kv.positions >= 0)
-    lengths = torch.zeros_like(kv.lengths).index_add_(0, kv.slot_head, keep.to(kv.lengths.dtype))
-    capacity = lengths + slack
+    tight = FlatKV(kv.keys, kv.values, kv.positions, kv.lengths, kv.capacity)
+    tight.compact(keep)  # builds new tensors: kv's own are untouched
     if isinstance(slack, int) and slack == 0:
-        return FlatKV(kv.keys[keep], kv.values[keep], kv.positions[keep], lengths, capacity)
-    new_starts = torch.cumsum(capacity, 0) - capacity
-    src = keep.nonzero().squeeze(1)
-    heads = kv.slot_head[src]
-    first_kept = torch.cumsum(lengths, 0) - lengths  # kept entries of all earlier heads
-    dst = new_starts[heads] + torch.arange(len(src), device=src.device) - first_kept[heads]
-    total = int(capacity.sum())
-    keys = kv.keys.new_zeros((total, kv.head_dim))
-    values = kv.values.new_zeros((total, kv.head_dim))
-    positions = kv.positions.new_full((total,), -1)
-    keys[dst], values[dst], positions[dst] = kv.keys[src], kv.values[src], kv.positions[src]
-    return FlatKV(keys, values, positions, lengths, capacity)
+        return tight
+    capacity = tight.lengths + slack
+    starts = torch.cumsum(capacity, 0) - capacity
+    heads = tight.slot_head
+    dst = starts[heads] + torch.arange(len(heads), device=heads.device) - tight.starts[heads]
+    keys = kv.keys.new_zeros((int(capacity.sum()), kv.head_dim))
+    values = torch.zeros_like(keys)
+    positions = kv.positions.new_full((len(keys),), -1)
+    keys[dst], values[dst], positions[dst] = tight.keys, tight.values, tight.positions
+    return FlatKV(keys, values, positions, tight.lengths, capacity)
 
 
 def keep_from_indices(kv: FlatKV, indices: torch.Tensor) -> torch.Tensor:
