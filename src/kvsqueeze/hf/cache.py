@@ -96,7 +96,7 @@ class KVSqueezeLayer(CacheLayerMixin):
             valid = (
                 torch.ones((b, q_len), dtype=torch.bool, device=query.device) if chunk_valid is None else chunk_valid
             )
-            prefill = ScoreInput(query, step.keys, step.values, valid, scaling, self.policy.window)
+            prefill = ScoreInput(query, step.keys, step.values, valid, scaling, self.policy.window, sliding_window)
             if self.recorder is not None:
                 self.recorder.append(prefill)
             self.store_prefill(prefill)

@@ -17,6 +17,9 @@ class ScoreInput:
     valid: [batch, tokens] bool, False on padding slots.
     scaling: the softmax scale the model uses (usually head_dim ** -0.5).
     window: the number of last prompt queries that observe the keys (SnapKV).
+    sliding_window: the model's attention window for this layer, or None: a query
+        sees only keys fewer than `sliding_window` positions behind it, so a key the
+        window already hides from the last prompt query can never be attended again.
     """
 
     queries: torch.Tensor
@@ -25,6 +28,7 @@ class ScoreInput:
     valid: torch.Tensor
     scaling: float
     window: int = 32
+    sliding_window: int | None = None
 
     @property
     def group_size(self) -> int:

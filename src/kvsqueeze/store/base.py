@@ -1,0 +1,77 @@
+"""The store interface: what a compressed layer and ops/ may ask of any KV store.
+
+A store holds the kept keys and values of one layer for a set of "heads" (batch
+folded into kv-heads: row r is sequence r // kv_heads, kv-head r % kv_heads). Every
+head is an ordered run of live entries, each with the position it had in its
+sequence. FlatKV (one buffer per layer), PagedKV (fixed-size blocks from a shared
+pool) and quantized stores implement this; the compressed layer and the attention
+ops read stores only through it, so they are interchangeable.
+
+The store owns its layout arithmetic; callers never compute slots themselves.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+
+class KVStore(ABC):
+    """Ragged per-head K/V for one layer. It knows nothing of models."""
+
+    @property
+    @abstractmethod
+    def lengths(self) -> torch.Tensor:
+        """Live entries per head, [heads] (int64, on the store's device)."""
+
+    @property
+    @abstractmethod
+    def head_dim(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def dtype(self) -> torch.dtype:
+        """The dtype attention computes in (the dequantized dtype for quantized stores)."""
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.lengths.shape[0])
+
+    @property
+    def num_tokens(self) -> int:
+        """Live entries over all heads."""
+        return int(self.lengths.sum())
+
+    @property
+    @abstractmethod
+    def nbytes(self) -> int:
+        """True bytes held now, from the tensors themselves (slack and metadata included)."""
+
+    def logical_nbytes(self, dtype: torch.dtype | None = None) -> int:
+        """Bytes a dense, uncompressed store would hold for the live entries (keys and
+        values only), in `dtype` (default: the store's): what savings compare against."""
+        element = torch.empty((), dtype=dtype or self.dtype).element_size()
+        return 2 * self.num_tokens * self.head_dim * element
+
+    @abstractmethod
+    def append(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        positions: torch.Tensor,
+        valid: torch.Tensor | None = None,
+    ) -> None:
+        """Append keys/values [heads, q, head_dim] at positions ([heads, q] or [q]) after
+        each head's live run; entries with valid[heads, q] False are skipped."""
+
+    @abstractmethod
+    def evict(self, keep: torch.Tensor) -> None:
+        """Keep only entries keep[head, i] (i indexes each head's live run in order,
+        [heads, >= max length]; columns past a head's length are ignored) and release
+        the room the others held."""
+
+    @abstractmethod
+    def head(self, h: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(keys [n, d], values [n, d], positions [n]) of head h's live entries, in
+        order: views where the layout allows, gathered copies otherwise."""
