@@ -51,7 +51,7 @@ def main() -> None:
             cache = record.cache(model, make_policy(name, keep=float(keep or 0.2)))
             print(f"\n{spec}  (columns: kv heads; {MARGIN} tokens either side of the answer)")
             for i, layer in enumerate(cache.layers):
-                kv, maps = layer.kv, []
+                kv, maps = layer.compressed.store, []
                 for h in range(kv.num_heads):
                     first, n = int(kv.starts[h]), int(kv.lengths[h])
                     kept = set(kv.positions[first : first + n].tolist())

@@ -115,7 +115,7 @@ def kept_from_store(cache: KVSqueezeCache, batch: int, prefill_len: int) -> dict
     """Read back from each layer's FlatKV which (sequence, kv head, slot) it stores."""
     kept = {}
     for idx, layer in enumerate(cache.layers):
-        kv, hkv = layer.kv, layer.num_kv_heads
+        kv, hkv = layer.compressed.store, layer.num_kv_heads
         assert kv.num_heads == batch * hkv  # batch folded into heads
         mask = torch.zeros(batch, hkv, prefill_len, dtype=torch.bool)
         for head in range(kv.num_heads):
@@ -124,7 +124,7 @@ def kept_from_store(cache: KVSqueezeCache, batch: int, prefill_len: int) -> dict
             assert bool((pos >= 0).all()) and bool((pos < prefill_len).all())
             assert pos.unique().numel() == pos.numel()  # no slot stored twice
             mask[head // hkv, head % hkv, pos] = True
-        assert torch.equal(mask.sum(-1), layer.kept_after_prefill.cpu())
+        assert torch.equal(mask.sum(-1), layer.compressed.kept_after_prefill.cpu())
         kept[idx] = mask
     return kept
 
@@ -220,7 +220,7 @@ def test_full_policy_matches_plain_generate_left_padded_batch(arch):
     n_real = int(am.sum()) + len(LENGTHS) * (24 - 1)
     layer = cache.layers[0]
     assert cache.stored_tokens() == n_real * layer.num_kv_heads * len(cache.layers)
-    assert torch.equal(layer.real_tokens.cpu(), am.sum(-1) + 24 - 1)
+    assert torch.equal(layer.compressed.real_tokens.cpu(), am.sum(-1) + 24 - 1)
 
 
 # --------------------------------------------------------------------------- 2. the oracle
@@ -238,7 +238,7 @@ def test_compressed_equals_masked_oracle_token_budget(name):
     ids, am = make_batch(LENGTHS, seed=4)
     cache = assert_matches_oracle(model, make_policy(name, tokens=12, window=4), ids, am)
     # Each sequence keeps on average 12 tokens per head per layer (Ada and Pyramid move them around).
-    kept = torch.stack([layer.kept_after_prefill for layer in cache.layers])  # [layers, b, hkv]
+    kept = torch.stack([layer.compressed.kept_after_prefill for layer in cache.layers])  # [layers, b, hkv]
     assert torch.equal(kept.sum(dim=(0, 2)), torch.full((len(LENGTHS),), 12 * kept.shape[0] * kept.shape[2]))
 
 
@@ -248,8 +248,8 @@ def test_compressed_equals_masked_oracle_when_a_prompt_fits_its_budget():
     ids, am = make_batch(LENGTHS, seed=17)
     cache = assert_matches_oracle(model, make_policy("ada-snapkv", tokens=50, window=4), ids, am)
     for layer in cache.layers:
-        assert layer.kept_after_prefill[0].tolist() == [LENGTHS[0]] * layer.num_kv_heads
-        assert layer.kept_after_prefill[1:].sum(-1).tolist() == [50 * layer.num_kv_heads] * 2
+        assert layer.compressed.kept_after_prefill[0].tolist() == [LENGTHS[0]] * layer.num_kv_heads
+        assert layer.compressed.kept_after_prefill[1:].sum(-1).tolist() == [50 * layer.num_kv_heads] * 2
 
 
 def sliding_mistral(window: int):
@@ -300,7 +300,7 @@ def test_memory_after_prefill(memory_runs, name):
     assert memory_runs["full"].full_nbytes <= memory_runs["full"].nbytes <= 1.05 * memory_runs["full"].full_nbytes
     assert cache.nbytes <= 0.30 * cache.full_nbytes
     layer = cache.layers[0]
-    per_token = 2 * layer.head_dim * layer.kv.keys.element_size()
+    per_token = 2 * layer.head_dim * layer.compressed.store.keys.element_size()
     assert cache.nbytes >= cache.stored_tokens() * per_token  # bytes are measured, not assumed
     assert cache.stored_tokens() == round(keep * t) * layer.num_kv_heads * len(cache.layers)
     per_layer = [sum(heads) for heads in cache.kept_tokens_per_head(0)]
@@ -325,8 +325,11 @@ def test_ada_heads_really_differ_in_storage(memory_runs):
     cache = memory_runs["ada-snapkv"]
     assert any(len(set(heads)) > 1 for heads in cache.kept_tokens_per_head(0))
     for layer in cache.layers:
-        assert torch.equal(layer.kv.lengths.view_as(layer.kept_after_prefill), layer.kept_after_prefill)
-        assert layer.kv.keys.shape[0] == int(layer.kept_after_prefill.sum())
+        assert torch.equal(
+            layer.compressed.store.lengths.view_as(layer.compressed.kept_after_prefill),
+            layer.compressed.kept_after_prefill,
+        )
+        assert layer.compressed.store.keys.shape[0] == int(layer.compressed.kept_after_prefill.sum())
 
 
 # --------------------------------------------------------------------------- 4. continue
@@ -359,7 +362,7 @@ def test_second_generate_continues_compressed_cache(name):
     ids, am = make_batch(LENGTHS, seed=9)
     cache = KVSqueezeCache(model, make_policy(name, keep=0.25, window=4))
     first = greedy(model, ids, am, cache, 6)
-    kept = [layer.kept_after_prefill.clone() for layer in cache.layers]
+    kept = [layer.compressed.kept_after_prefill.clone() for layer in cache.layers]
     ids2 = torch.cat([first, make_batch([4, 4, 4], seed=10)[0]], dim=-1)
     am2 = torch.cat([am, torch.ones(3, ids2.shape[1] - ids.shape[1], dtype=am.dtype)], dim=-1)
     second = greedy(model, ids2, am2, cache, 6)
@@ -370,10 +373,10 @@ def test_second_generate_continues_compressed_cache(name):
     assert cache.get_seq_length() == logical
     layer = cache.layers[0]
     added = logical - ids.shape[1]  # tokens after the prefill: all stored, in every head
-    assert torch.equal(layer.real_tokens.cpu(), am.sum(-1) + added)
+    assert torch.equal(layer.compressed.real_tokens.cpu(), am.sum(-1) + added)
     for layer, before in zip(cache.layers, kept, strict=True):
-        assert torch.equal(layer.kept_after_prefill, before)
-        assert torch.equal(layer.kv.lengths.view_as(before), before + added)
+        assert torch.equal(layer.compressed.kept_after_prefill, before)
+        assert torch.equal(layer.compressed.store.lengths.view_as(before), before + added)
     dense_real = int(am.sum() + 3 * added) * layer.num_kv_heads * len(cache.layers)
     assert cache.stored_tokens() == sum(int(x.sum()) for x in kept) + 3 * added * layer.num_kv_heads * len(kept)
     assert cache.stored_tokens() < 0.5 * dense_real
@@ -391,8 +394,8 @@ def test_question_appended_uncompressed_after_context(arch):
 
     t, q = ctx.shape[1], question.shape[1]
     for layer in cache.layers:
-        kept = layer.kept_after_prefill
-        kv = layer.kv
+        kept = layer.compressed.kept_after_prefill
+        kv = layer.compressed.store
         assert torch.equal(kv.lengths.view_as(kept), kept + q + 2)
         for head in range(kv.num_heads):
             pos = kv.head(head)[2].long()
@@ -406,13 +409,15 @@ def test_question_chunk_does_not_recompress():
     model = tiny_model("llama")
     ctx, am = make_batch(LENGTHS, seed=13)
     cache = _prefill(model, make_policy("snapkv", keep=0.25, window=4), ctx, am)
-    before = [(layer.kept_after_prefill.clone(), layer.kv.num_tokens) for layer in cache.layers]
+    before = [
+        (layer.compressed.kept_after_prefill.clone(), layer.compressed.store.num_tokens) for layer in cache.layers
+    ]
     question = make_batch([30, 30, 30], seed=14)[0]
     am2 = torch.cat([am, torch.ones_like(question)], dim=-1)
     model(question, attention_mask=am2, position_ids=positions_from(am2)[:, -30:], past_key_values=cache)
     for layer, (kept, n) in zip(cache.layers, before, strict=True):
-        assert torch.equal(layer.kept_after_prefill, kept)
-        assert layer.kv.num_tokens == n + 30 * layer.kv.num_heads
+        assert torch.equal(layer.compressed.kept_after_prefill, kept)
+        assert layer.compressed.store.num_tokens == n + 30 * layer.compressed.store.num_heads
     assert cache.get_seq_length() == ctx.shape[1] + 30
 
 

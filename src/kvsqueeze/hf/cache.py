@@ -1,52 +1,71 @@
-"""KVSqueezeCache: a transformers `Cache` whose layers keep a compressed FlatKV.
+"""KVSqueezeCache: a transformers `Cache` over kvsqueeze's compressed layers.
 
-The first forward through a layer (the prefill) attends densely, then the policy
-picks what each head keeps and only that is stored. Later forwards (decode steps, or
-a continued prompt) append to every head and attend over the ragged store. The cache
-counts tokens seen (the logical length transformers uses for positions and masks)
-apart from tokens stored (the physical length, per head).
+This is a thin adapter: each cache layer wraps a `CompressedLayer` (cache/layer.py),
+which scores, evicts, stores and attends without knowing transformers. What the
+adapter adds is the handshake with transformers' attention call: `update` cannot
+store yet (scoring needs the queries), so it hands a `PendingStep` to the registered
+"kvsqueeze" attention function (hf/attention.py), which passes the queries back.
+
+The model must run with that attention while it uses the cache: `with cache:` (or
+`with use_kvsqueeze_attention(model):`) switches it and restores the model's own
+attention on exit. A forward through the cache without it raises a clear error.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from kvsqueeze.ops import append_tokens, dense_causal_attention, policy_scores, ragged_attention
-from kvsqueeze.policy import Policy, ScoreInput
-from kvsqueeze.store import FlatKV
+from kvsqueeze.cache import CompressedLayer, PrefillCallback
+from kvsqueeze.policy import Policy
 
 ATTENTION_NAME = "kvsqueeze"
+
+
+@contextmanager
+def use_kvsqueeze_attention(model: PreTrainedModel) -> Iterator[PreTrainedModel]:
+    """Run `model` with the "kvsqueeze" attention inside the block; restore its own after."""
+    previous = model.config._attn_implementation
+    if previous != ATTENTION_NAME:
+        model.set_attn_implementation(ATTENTION_NAME)
+    try:
+        yield model
+    finally:
+        if previous != ATTENTION_NAME:
+            model.set_attn_implementation(previous)
 
 
 @dataclass
 class PendingStep:
     """What `update` hands to the attention function in place of key/value tensors:
-    this forward's new keys/values and the layer that will store them. Storing waits
-    for the attention function because scoring needs the queries."""
+    this forward's new keys/values and the layer that will store them."""
 
     layer: KVSqueezeLayer
     keys: torch.Tensor
     values: torch.Tensor
 
+    def __getattr__(self, name: str):
+        # Only another attention function would ask a PendingStep for tensor attributes.
+        raise RuntimeError(
+            "KVSqueezeCache needs the model to run with the 'kvsqueeze' attention: call generate() "
+            "inside `with cache:` (or `with kvsqueeze.hf.use_kvsqueeze_attention(model):`)"
+        )
+
 
 class KVSqueezeLayer(CacheLayerMixin):
-    """One layer's compressed cache."""
+    """One layer of the cache, as transformers sees it; `compressed` does the work."""
 
     is_compileable = False
     is_sliding = False
 
-    def __init__(self, policy: Policy, layer_idx: int, num_layers: int) -> None:
+    def __init__(self, compressed: CompressedLayer) -> None:
         super().__init__()
-        self.policy, self.layer_idx, self.num_layers = policy, layer_idx, num_layers
-        self.kv: FlatKV | None = None
-        self.seen = 0
-        self.real_tokens: torch.Tensor | None = None  # [batch] unpadded tokens seen
-        self.kept_after_prefill: torch.Tensor | None = None  # [batch, kv_heads]
-        self.recorder: list[ScoreInput] | None = None  # set to keep the dense prefill (see hf/prefill.py)
+        self.compressed = compressed
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -61,22 +80,21 @@ class KVSqueezeLayer(CacheLayerMixin):
         return step, step
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.seen + query_length, 0
+        return self.compressed.seen + query_length, 0
 
     def get_seq_length(self) -> int:
-        return self.seen
+        return self.compressed.seen
 
     def get_max_length(self) -> int:
         return -1
 
     def reset(self) -> None:
-        self.kv, self.seen, self.real_tokens, self.kept_after_prefill = None, 0, None, None
+        self.compressed.reset()
         self.is_initialized = False
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise NotImplementedError("KVSqueezeCache does not support beam search; use greedy or sampling")
 
-    # ------------------------------------------------------------------ attention
     def attend(
         self,
         query: torch.Tensor,
@@ -85,44 +103,11 @@ class KVSqueezeLayer(CacheLayerMixin):
         scaling: float,
         sliding_window: int | None,
     ) -> torch.Tensor:
-        """Store this forward's keys/values and return attention [b, q_heads, q, d]."""
-        b, hq, q_len, d = query.shape
-        hkv = step.keys.shape[1]
-        chunk_valid = None if padding_mask is None else padding_mask[:, -q_len:].to(torch.bool)
-        if chunk_valid is not None and bool(chunk_valid.all()):
-            chunk_valid = None
-        if self.kv is None:
-            out = dense_causal_attention(query, step.keys, step.values, chunk_valid, scaling, sliding_window)
-            valid = (
-                torch.ones((b, q_len), dtype=torch.bool, device=query.device) if chunk_valid is None else chunk_valid
-            )
-            prefill = ScoreInput(query, step.keys, step.values, valid, scaling, self.policy.window, sliding_window)
-            if self.recorder is not None:
-                self.recorder.append(prefill)
-            self.store_prefill(prefill)
-            return out
-        added = torch.full((b,), q_len, device=query.device) if chunk_valid is None else chunk_valid.sum(-1)
-        positions = torch.arange(self.seen, self.seen + q_len, device=query.device)
-        head_valid = None if chunk_valid is None else chunk_valid.repeat_interleave(hkv, dim=0)
-        append_tokens(self.kv, step.keys.flatten(0, 1), step.values.flatten(0, 1), positions, head_valid)
-        grouped = query.reshape(b * hkv, hq // hkv, q_len, d)
-        out = ragged_attention(grouped, self.kv, positions.expand(b * hkv, q_len), scaling, sliding_window)
-        self.real_tokens = self.real_tokens + added
-        self.seen += q_len
-        return out.view(b, hq, q_len, d)
-
-    def store_prefill(self, x: ScoreInput, scores: torch.Tensor | None = None) -> None:
-        """Compress a dense prefill (everything a policy scores: queries, keys, values,
-        real-token mask) into this empty layer: keep what the policy picks."""
-        if scores is None and self.policy.compresses:
-            scores = policy_scores(self.policy.scorer, x)  # fused on GPU for SnapKV
-        keep = self.policy.keep_mask(x, self.layer_idx, self.num_layers, scores)
-        t = x.keys.shape[2]
-        positions = torch.arange(t, device=x.keys.device)
-        self.kv = FlatKV.from_dense(x.keys.flatten(0, 1), x.values.flatten(0, 1), keep.flatten(0, 1), positions)
-        self.kept_after_prefill = keep.sum(dim=-1)
-        self.real_tokens = x.valid.sum(dim=-1)
-        self.seen = t
+        """Store this forward's keys/values and return attention [b, q_heads, q, d].
+        `padding_mask` is None when nothing in the batch is padded (decided once per
+        forward by the mask function), so no layer checks it again."""
+        chunk_valid = None if padding_mask is None else padding_mask[:, -query.shape[2] :].to(torch.bool)
+        return self.compressed.forward(query, step.keys, step.values, chunk_valid, scaling, sliding_window)
 
 
 def _text_config(model_or_config: PreTrainedModel | PreTrainedConfig) -> PreTrainedConfig:
@@ -133,39 +118,58 @@ def _text_config(model_or_config: PreTrainedModel | PreTrainedConfig) -> PreTrai
 class KVSqueezeCache(Cache):
     """A compressed KV cache for `model.generate(..., past_key_values=cache)`.
 
-    Pass the model: the cache switches its attention implementation to "kvsqueeze"
-    (registered with transformers by importing kvsqueeze.hf), which is what lets the
-    cache see the queries it scores with.
+    Use it inside `with cache:` (the model given here then runs with the "kvsqueeze"
+    attention, which lets the cache see the queries it scores with) or inside
+    `with use_kvsqueeze_attention(model):`. `on_prefill(layer_idx, prefill)` is called
+    with every layer's dense prefill before it is compressed (hf/prefill.py records it).
     """
 
-    def __init__(self, model: PreTrainedModel | PreTrainedConfig, policy: Policy) -> None:
-        config = _text_config(model)
-        self.num_layers = config.num_hidden_layers
-        super().__init__(layers=[KVSqueezeLayer(policy, i, self.num_layers) for i in range(self.num_layers)])
+    def __init__(
+        self,
+        model: PreTrainedModel | PreTrainedConfig,
+        policy: Policy,
+        on_prefill: PrefillCallback | None = None,
+    ) -> None:
+        self.num_layers = _text_config(model).num_hidden_layers
+        layers = [
+            KVSqueezeLayer(CompressedLayer(policy, i, self.num_layers, on_prefill=on_prefill))
+            for i in range(self.num_layers)
+        ]
+        super().__init__(layers=layers)
         self.policy = policy
-        if isinstance(model, PreTrainedModel) and model.config._attn_implementation != ATTENTION_NAME:
-            model.set_attn_implementation(ATTENTION_NAME)
+        self.model = model if isinstance(model, PreTrainedModel) else None
+        self._scopes: list = []
+        # TRANSITION: removed once every caller uses `with cache:`.
+        if self.model is not None and self.model.config._attn_implementation != ATTENTION_NAME:
+            self.model.set_attn_implementation(ATTENTION_NAME)
 
-    def _filled(self) -> list[KVSqueezeLayer]:
-        return [layer for layer in self.layers if layer.kv is not None]
+    def __enter__(self) -> KVSqueezeCache:
+        if self.model is None:
+            raise TypeError("`with cache:` needs the cache built from a model, not a config")
+        scope = use_kvsqueeze_attention(self.model)
+        scope.__enter__()
+        self._scopes.append(scope)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._scopes.pop().__exit__(*exc)
+
+    def _filled(self) -> list[CompressedLayer]:
+        return [layer.compressed for layer in self.layers if layer.compressed.store is not None]
 
     @property
     def nbytes(self) -> int:
         """Bytes the cache holds now, from its tensors."""
-        return sum(layer.kv.nbytes for layer in self._filled())
+        return sum(layer.nbytes for layer in self._filled())
 
     @property
     def full_nbytes(self) -> int:
         """Bytes an uncompressed cache would hold for the same (unpadded) tokens."""
-        total = 0
-        for layer in self._filled():
-            per_token = 2 * layer.num_kv_heads * layer.head_dim * layer.kv.keys.element_size()
-            total += int(layer.real_tokens.sum()) * per_token
-        return total
+        return sum(layer.full_nbytes for layer in self._filled())
 
     def stored_tokens(self) -> int:
         """Physical length: live entries over all layers, sequences and heads."""
-        return sum(layer.kv.num_tokens for layer in self._filled())
+        return sum(layer.store.num_tokens for layer in self._filled())
 
     def kept_tokens_per_head(self, sequence: int = 0) -> list[list[int]]:
         """Tokens each kv-head kept right after prefill, per layer, for one sequence."""

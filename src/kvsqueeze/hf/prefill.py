@@ -36,7 +36,7 @@ class PrefillRecord:
         for layer, prefill in zip(cache.layers, self.layers, strict=True):
             x = dataclasses.replace(prefill, window=policy.window)
             layer.lazy_initialization(x.keys, x.values)
-            layer.store_prefill(x, self._layer_scores(layer.layer_idx, policy, x))
+            layer.compressed.prefill(x, self._layer_scores(layer.compressed.layer_idx, policy, x))
         return cache
 
     def _layer_scores(self, layer_idx: int, policy: Policy, x: ScoreInput) -> torch.Tensor | None:
@@ -51,11 +51,9 @@ class PrefillRecord:
 def record_prefill(model: PreTrainedModel, input_ids: torch.Tensor) -> PrefillRecord:
     """Run the model once over `input_ids` [batch, tokens] and keep every layer's
     dense prefill."""
-    recording = KVSqueezeCache(model, make_policy("full"))
     layers: list[ScoreInput] = []
-    for layer in recording.layers:
-        layer.recorder = layers
-    with torch.inference_mode():
+    recording = KVSqueezeCache(model, make_policy("full"), on_prefill=lambda _, x: layers.append(x))
+    with torch.inference_mode(), recording:
         start = time.perf_counter()
         logits = model(input_ids, past_key_values=recording, use_cache=True, logits_to_keep=1).logits
         seconds = time.perf_counter() - start

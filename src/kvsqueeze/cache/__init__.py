@@ -1,0 +1,6 @@
+"""The compressed layer: policy + store + ops, without transformers. The transformers
+adapter (hf/) and the serving engine (engine/) both drive it."""
+
+from kvsqueeze.cache.layer import CompressedLayer, PrefillCallback, StoreFactory
+
+__all__ = ["CompressedLayer", "PrefillCallback", "StoreFactory"]

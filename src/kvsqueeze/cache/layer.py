@@ -1,0 +1,139 @@
+"""CompressedLayer: one attention layer's compressed KV cache, without transformers.
+
+The first chunk a layer sees (the prefill) is attended densely; then the policy picks
+what each (sequence, kv-head) keeps and only that goes into the store. Later chunks
+(decode steps, a continued prompt) are appended to every head and attend over the
+store. The layer counts tokens seen per sequence (the logical length) apart from
+tokens stored per head (the physical length).
+
+Both the transformers adapter (hf/cache.py) and the serving engine drive this class;
+it imports only policy/, store/ and ops/.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from kvsqueeze.ops import append_tokens, dense_causal_attention, policy_scores, ragged_attention
+from kvsqueeze.policy import Policy, ScoreInput
+from kvsqueeze.store import FlatKV
+from kvsqueeze.store.base import KVStore
+
+# (keys [heads, t, d], values, keep [heads, t], positions [t]) -> a store of the kept entries
+StoreFactory = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], KVStore]
+# Called with (layer_idx, the dense prefill) before it is compressed: e.g. to record it.
+PrefillCallback = Callable[[int, ScoreInput], None]
+
+
+class CompressedLayer:
+    """One layer's compressed cache for a batch of sequences (batch folded into heads)."""
+
+    def __init__(
+        self,
+        policy: Policy,
+        layer_idx: int,
+        num_layers: int,
+        make_store: StoreFactory = FlatKV.from_dense,
+        on_prefill: PrefillCallback | None = None,
+    ) -> None:
+        self.policy, self.layer_idx, self.num_layers = policy, layer_idx, num_layers
+        self.make_store, self.on_prefill = make_store, on_prefill
+        self.store: KVStore | None = None
+        self.seen = 0  # slots seen, padding included: the next chunk's first position
+        self.real_tokens: torch.Tensor | None = None  # [batch] unpadded tokens seen
+        self.kept_after_prefill: torch.Tensor | None = None  # [batch, kv_heads]
+        self.num_kv_heads = 0
+        self.element_size = 0  # bytes per element of the model's K/V
+
+    # ------------------------------------------------------------------ state
+    @property
+    def nbytes(self) -> int:
+        """Bytes the store holds now, from its tensors (0 before the prefill)."""
+        return 0 if self.store is None else self.store.nbytes
+
+    @property
+    def full_nbytes(self) -> int:
+        """Bytes an uncompressed cache would hold for the same unpadded tokens."""
+        if self.store is None:
+            return 0
+        per_token = 2 * self.num_kv_heads * self.store.head_dim * self.element_size
+        return int(self.real_tokens.sum()) * per_token
+
+    def logical_tokens(self) -> torch.Tensor:
+        """Tokens seen per sequence, [batch] (padding excluded)."""
+        return self.real_tokens
+
+    def physical_tokens(self) -> torch.Tensor:
+        """Tokens stored per (sequence, kv-head), [batch, kv_heads]."""
+        return self.store.lengths.view(-1, self.num_kv_heads)
+
+    def reset(self) -> None:
+        self.store, self.seen, self.real_tokens, self.kept_after_prefill = None, 0, None, None
+
+    # ------------------------------------------------------------------ compute
+    def forward(
+        self,
+        query: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        valid: torch.Tensor | None,
+        scaling: float,
+        sliding_window: int | None = None,
+    ) -> torch.Tensor:
+        """Attend one chunk and store its keys/values: the prefill if the layer is empty,
+        a step otherwise. query [b, q_heads, q, d], keys/values [b, kv_heads, q, d],
+        valid [b, q] (False on padding) or None. Returns [b, q_heads, q, d]."""
+        if self.store is not None:
+            positions = torch.arange(self.seen, self.seen + query.shape[2], device=query.device)
+            return self.step(query, keys, values, positions, valid, scaling, sliding_window)
+        out = dense_causal_attention(query, keys, values, valid, scaling, sliding_window)
+        if valid is None:
+            valid = torch.ones(keys.shape[0], keys.shape[2], dtype=torch.bool, device=keys.device)
+        x = ScoreInput(query, keys, values, valid, scaling, self.policy.window, sliding_window)
+        if self.on_prefill is not None:
+            self.on_prefill(self.layer_idx, x)
+        self.prefill(x)
+        return out
+
+    def prefill(self, x: ScoreInput, scores: torch.Tensor | None = None) -> None:
+        """Compress a dense prefill into this empty layer: keep what the policy picks.
+        `scores` may pass the policy scorer's output for `x`, computed earlier."""
+        if self.store is not None:
+            raise RuntimeError(f"layer {self.layer_idx} already holds a prefill; reset() it first")
+        if scores is None and self.policy.compresses:
+            scores = policy_scores(self.policy.scorer, x)  # fused on GPU for SnapKV
+        keep = self.policy.keep_mask(x, self.layer_idx, self.num_layers, scores)
+        t = x.keys.shape[2]
+        positions = torch.arange(t, device=x.keys.device)
+        self.num_kv_heads, self.element_size = x.keys.shape[1], x.keys.element_size()
+        self.store = self.make_store(x.keys.flatten(0, 1), x.values.flatten(0, 1), keep.flatten(0, 1), positions)
+        self.kept_after_prefill = keep.sum(dim=-1)
+        self.real_tokens = x.valid.sum(dim=-1)
+        self.seen = t
+
+    def step(
+        self,
+        query: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        positions: torch.Tensor,
+        valid: torch.Tensor | None,
+        scaling: float,
+        sliding_window: int | None = None,
+    ) -> torch.Tensor:
+        """Append a chunk of q tokens at `positions` [q] to every head (skipping those
+        with valid[b, q] False) and attend over the store. Shapes as in forward()."""
+        if self.store is None:
+            raise RuntimeError(f"layer {self.layer_idx} has no prefill yet: call prefill() or forward() first")
+        b, hq, q_len, d = query.shape
+        hkv = self.num_kv_heads
+        head_valid = None if valid is None else valid.repeat_interleave(hkv, dim=0)
+        append_tokens(self.store, keys.flatten(0, 1), values.flatten(0, 1), positions, head_valid)
+        grouped = query.reshape(b * hkv, hq // hkv, q_len, d)
+        out = ragged_attention(grouped, self.store, positions.expand(b * hkv, q_len), scaling, sliding_window)
+        added = q_len if valid is None else valid.sum(dim=-1)
+        self.real_tokens = self.real_tokens + added
+        self.seen += q_len
+        return out.view(b, hq, q_len, d)
