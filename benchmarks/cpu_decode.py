@@ -18,7 +18,7 @@ from rich.progress import track
 from rich.table import Table
 from transformers import DynamicCache
 
-from kvsqueeze.bench import BenchRow, bench_inputs, measure
+from kvsqueeze.bench.runner import BenchRow, bench_inputs, measure
 from kvsqueeze.hf import KVSqueezeCache
 from kvsqueeze.hf.models import load_model
 from kvsqueeze.policy import make_policy, policy_names
@@ -43,7 +43,7 @@ def main() -> None:
     args = parser.parse_args()
 
     model, tokenizer = load_model(args.model)
-    input_ids = bench_inputs(tokenizer, model.config.vocab_size, args.context, 1, "cpu")
+    input_ids = bench_inputs(tokenizer, args.context, 1, "cpu")
 
     def baseline() -> BenchRow:
         model.set_attn_implementation("sdpa")

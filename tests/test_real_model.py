@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from kvsqueeze.data.haystack import build_haystack
-from kvsqueeze.generate import generate
 from kvsqueeze.hf import KVSqueezeCache
 from kvsqueeze.hf import models as hf_models
+from kvsqueeze.hf.generate import generate
 from kvsqueeze.hf.models import cache_dir, load_model
 from kvsqueeze.policy import make_policy, policy_names
 

@@ -9,23 +9,20 @@ to read the weights once plus the KV the step reads, at the measured bandwidth.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
 import torch
-from rich.console import Console
-from rich.progress import track
-from rich.table import Table
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import Cache
 
-from kvsqueeze.bandwidth import measure_bandwidth
+from kvsqueeze.bench.bandwidth import measure_bandwidth
+from kvsqueeze.bench.memory import PeakMemory
 from kvsqueeze.data.haystack import essays_text
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.hf import KVSqueezeCache
 from kvsqueeze.hf.models import load_model, max_context
-from kvsqueeze.hf.random_models import RANDOM_PREFIX, random_model
-from kvsqueeze.memory import PeakMemory
-from kvsqueeze.policy import make_policy
+from kvsqueeze.policy import Policy, make_policy
 
 # Sequences of a batch start this many tokens apart in the essays, so they differ.
 SEQUENCE_STRIDE = 97
@@ -107,14 +104,9 @@ def add_bound(row: BenchRow, weight_bytes: int, bandwidth: float) -> BenchRow:
     return row
 
 
-def bench_inputs(
-    tokenizer: PreTrainedTokenizerBase | None, vocab_size: int, context: int, batch: int, device: str
-) -> torch.Tensor:
-    """Essay text for a real model (so attention looks like real attention), seeded
-    random ids for a random-weight one. Each sequence of the batch is different."""
-    if tokenizer is None:
-        gen = torch.Generator().manual_seed(0)
-        return torch.randint(0, vocab_size, (batch, context), generator=gen).to(device)
+def bench_inputs(tokenizer: PreTrainedTokenizerBase, context: int, batch: int, device: str) -> torch.Tensor:
+    """Essay text (so a real model's attention looks like real attention), each
+    sequence of the batch starting elsewhere in the essays, so they differ."""
     ids = tokenizer(essays_text(), add_special_tokens=False)["input_ids"]
     if len(ids) < context + batch * SEQUENCE_STRIDE:
         raise KVSqueezeError(f"context {context} is longer than the {len(ids)}-token essays used as input")
@@ -131,50 +123,28 @@ def run_bench(
     batch: int,
     new_tokens: int,
     device: str = "cpu",
-    dtype: str = "float32",
+    dtype: torch.dtype = torch.float32,
+    each: Callable[[list[Policy]], Iterable[Policy]] = iter,
 ) -> list[BenchRow]:
-    """One BenchRow per policy, with bound columns from a bandwidth measured here."""
+    """One BenchRow per policy, with bound columns from a bandwidth measured here.
+    `each` walks the policies (the command line passes a progress bar)."""
     if context < 1 or batch < 1 or new_tokens < 1:
         raise KVSqueezeError("context, batch and new-tokens must all be at least 1")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise KVSqueezeError("--device cuda asked for, but torch sees no CUDA device here")
+    if not policies:
+        raise KVSqueezeError("no policies given")
     built = [make_policy(name, keep=keep, tokens=tokens) for name in policies]  # validate before loading
-    torch_dtype = getattr(torch, dtype)
-    if model_name.startswith(RANDOM_PREFIX):
-        model, tokenizer = random_model(model_name, torch_dtype, device), None
-    else:
-        model, tokenizer = load_model(model_name, dtype=torch_dtype, device=device)
+    model, tokenizer = load_model(model_name, dtype=dtype, device=device)
     if context + new_tokens > max_context(model):
         raise KVSqueezeError(
             f"context {context} + {new_tokens} new tokens exceeds the model's context of {max_context(model)}"
         )
-    input_ids = bench_inputs(tokenizer, model.config.vocab_size, context, batch, device)
+    input_ids = bench_inputs(tokenizer, context, batch, device)
     bandwidth = measure_bandwidth(device)
     weights = weight_bytes_read_per_step(model)
     # Warm-up: first calls pay for lazy initialisation and allocator growth.
     measure(model, input_ids[:, : min(context, 256)], KVSqueezeCache(model, built[0]), 2, "warm-up")
     rows = []
-    for policy in track(built, description="policies", transient=True):
+    for policy in each(built):
         row = measure(model, input_ids, KVSqueezeCache(model, policy), new_tokens, policy.name)
         rows.append(add_bound(row, weights, bandwidth))
     return rows
-
-
-def bench_table(rows: list[BenchRow], title: str) -> None:
-    table = Table(title=title)
-    columns = ("policy", "prefill s", "decode ms/step", "tok/s", "peak MiB", "KV MiB", "KV full MiB", "bound ms")
-    for col in (*columns, "x bound"):
-        table.add_column(col, justify="right")
-    for r in rows:
-        table.add_row(
-            r.policy,
-            f"{r.prefill_seconds:.3f}",
-            f"{r.decode_ms_per_step:.2f}",
-            f"{r.decode_tokens_per_second:.1f}",
-            f"{r.peak_memory_bytes / 2**20:.0f}",
-            f"{r.kv_bytes_stored / 2**20:.1f}",
-            f"{r.kv_bytes_full / 2**20:.1f}",
-            f"{r.bound_ms_per_step:.2f}",
-            f"{r.ratio_to_bound:.2f}",
-        )
-    Console(width=max(120, Console().width)).print(table)

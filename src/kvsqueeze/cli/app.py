@@ -1,20 +1,21 @@
-"""The `kvsqueeze` command line."""
+"""The `kvsqueeze` commands: each parses its options, calls the library, and turns
+bad input (ValueError, KVSqueezeError) into one `error:` line and exit code 2."""
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
-import sys
+from collections.abc import Callable
+from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import typer
 
+from kvsqueeze import __version__
 from kvsqueeze.errors import KVSqueezeError
-
-try:  # recent typer vendors its own click
-    from typer._click.exceptions import UsageError
-except ImportError:  # pragma: no cover - older typer on top of click
-    from click.exceptions import UsageError
+from kvsqueeze.policy import policy_names
 
 app = typer.Typer(
     add_completion=False,
@@ -23,17 +24,63 @@ app = typer.Typer(
     help="Per-head KV-cache compression for LLMs.",
 )
 
-ModelOption = Annotated[str, typer.Option("--model", help="smollm2-135m, tiny-random-{llama,qwen2,mistral} or a path")]
+
+class Device(StrEnum):
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Dtype(StrEnum):
+    bf16 = "bf16"
+    fp16 = "fp16"
+    fp32 = "fp32"
+
+
+MODEL_HELP = (
+    "smollm2-135m, tiny-random-{llama,qwen2,mistral}, random:{llama-3.1-8b,mistral-7b,qwen2.5-7b,smollm2-135m} "
+    "(random weights, real shapes) or a local model folder"
+)
+ModelOption = Annotated[str, typer.Option("--model", help=MODEL_HELP)]
 KeepOption = Annotated[float | None, typer.Option("--keep", help="keep ratio in (0, 1]")]
 TokensOption = Annotated[int | None, typer.Option("--tokens", help="tokens kept per head")]
 WindowOption = Annotated[int, typer.Option("--window", help="observation window / always-kept recent tokens")]
 AlphaOption = Annotated[float, typer.Option("--alpha", help="Ada-KV safeguard: each head keeps >= alpha x budget")]
+DeviceOption = Annotated[Device, typer.Option("--device", help="where the model runs")]
+DtypeOption = Annotated[Dtype, typer.Option("--dtype", help="weights and KV cache dtype")]
+POLICY_NAMES = ", ".join(policy_names())
+PoliciesOption = Annotated[str, typer.Option("--policies", help=f"comma-separated policy names: {POLICY_NAMES}")]
+QuestionAgnosticOption = Annotated[
+    bool, typer.Option("--question-agnostic", help="compress the context before the question is seen")
+]
+DEFAULT_POLICIES = "full,snapkv,ada-snapkv"
+
+Command = TypeVar("Command", bound=Callable[..., None])
 
 
 def fail(message: str) -> None:
     """One line on stderr, non-zero exit: what bad input gets."""
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code=2)
+
+
+def one_line_errors(command: Command) -> Command:
+    """Bad input anywhere below a command (our KVSqueezeError, or the ValueError a
+    policy or config raises on validation) ends the command with one `error:` line."""
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except ValueError as err:
+            fail(str(err))
+
+    return run  # type: ignore[return-value]
+
+
+def torch_dtype(dtype: Dtype):
+    from kvsqueeze.hf.models import DTYPES
+
+    return DTYPES[dtype.value]
 
 
 def _policy(name: str, keep: float | None, tokens: int | None, window: int, alpha: float):
@@ -44,10 +91,43 @@ def _policy(name: str, keep: float | None, tokens: int | None, window: int, alph
     return make_policy(name, keep=keep, tokens=tokens, window=window, alpha=alpha)
 
 
+def _policy_list(text: str) -> tuple[str, ...]:
+    names = tuple(p.strip() for p in text.split(",") if p.strip())
+    if not names:
+        raise KVSqueezeError(f"--policies names no policy; choose from {POLICY_NAMES}")
+    return names
+
+
+def _read_prompt(path: Path) -> str:
+    if not path.is_file():
+        problem = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise KVSqueezeError(f"prompt file {str(path)!r} {problem}")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise KVSqueezeError(f"prompt file {str(path)!r} is not UTF-8 text") from None
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"kvsqueeze {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="print the version and exit")
+    ] = False,
+) -> None:
+    """Per-head KV-cache compression for LLMs."""
+
+
 @app.command()
+@one_line_errors
 def generate(
     model: ModelOption = "smollm2-135m",
-    policy: Annotated[str, typer.Option("--policy", help="policy preset name")] = "full",
+    policy: Annotated[str, typer.Option("--policy", help=f"policy name: {POLICY_NAMES}")] = "full",
     keep: KeepOption = None,
     tokens: TokensOption = None,
     window: WindowOption = 32,
@@ -55,30 +135,26 @@ def generate(
     prompt: Annotated[str | None, typer.Option("--prompt", help="prompt text (the context)")] = None,
     prompt_file: Annotated[Path | None, typer.Option("--prompt-file", help="read the prompt from a file")] = None,
     question: Annotated[str | None, typer.Option("--question", help="question asked after the context")] = None,
-    question_agnostic: Annotated[
-        bool, typer.Option("--question-agnostic", help="compress the context before the question is seen")
-    ] = False,
+    question_agnostic: QuestionAgnosticOption = False,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 64,
-    chat: Annotated[bool, typer.Option("--chat", help="wrap the prompt in the model's chat template")] = False,
+    chat: Annotated[
+        bool, typer.Option("--chat/--no-chat", help="wrap the prompt in the model's chat template")
+    ] = False,
+    device: DeviceOption = Device.cpu,
+    dtype: DtypeOption = Dtype.fp32,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
     """Generate with a compressed KV cache and report its memory and speed."""
-    try:
-        pol = _policy(policy, keep, tokens, window, alpha)
-        if (prompt is None) == (prompt_file is None):
-            raise KVSqueezeError("give exactly one of --prompt or --prompt-file")
-        if prompt_file is not None:
-            if not prompt_file.is_file():
-                problem = "is a folder, not a file" if prompt_file.is_dir() else "does not exist"
-                raise KVSqueezeError(f"prompt file {str(prompt_file)!r} {problem}")
-            prompt = prompt_file.read_text(encoding="utf-8")
-        from kvsqueeze.generate import generate as run
-        from kvsqueeze.hf.models import load_model
+    pol = _policy(policy, keep, tokens, window, alpha)
+    if (prompt is None) == (prompt_file is None):
+        raise KVSqueezeError("give exactly one of --prompt or --prompt-file")
+    if prompt_file is not None:
+        prompt = _read_prompt(prompt_file)
+    from kvsqueeze.hf.generate import generate as run
+    from kvsqueeze.hf.models import load_model
 
-        mdl, tok = load_model(model)
-        result = run(mdl, tok, pol, prompt, question, not question_agnostic, max_new_tokens=max_new_tokens, chat=chat)
-    except ValueError as err:  # KVSqueezeError and the policy's own validation errors
-        fail(str(err))
+    mdl, tok = load_model(model, dtype=torch_dtype(dtype), device=device.value)
+    result = run(mdl, tok, pol, prompt, question, not question_agnostic, max_new_tokens=max_new_tokens, chat=chat)
     if as_json:
         typer.echo(json.dumps(result.to_json()))
         return
@@ -92,60 +168,50 @@ def generate(
 
 
 @app.command()
+@one_line_errors
 def demo(
     model: ModelOption = "smollm2-135m",
     context: Annotated[int, typer.Option("--context", help="haystack length in tokens")] = 2000,
     keep: Annotated[float, typer.Option("--keep", help="keep ratio for the compressed policies")] = 0.25,
+    device: DeviceOption = Device.cpu,
+    dtype: DtypeOption = Dtype.fp32,
 ) -> None:
     """Needle in a haystack: full, streamingllm, snapkv and ada-snapkv side by side."""
-    from kvsqueeze.demo import run_demo
+    from kvsqueeze.cli.demo import run_demo
 
-    try:
-        run_demo(model, context, keep)
-    except ValueError as err:  # KVSqueezeError and the policy's own validation errors
-        fail(str(err))
-
-
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-DEFAULT_BENCH = "full,snapkv,ada-snapkv"
+    run_demo(model, context, keep, device.value, torch_dtype(dtype))
 
 
 @app.command()
+@one_line_errors
 def bench(
     model: ModelOption = "smollm2-135m",
-    policies: Annotated[
-        str, typer.Option("--policies", help="comma-separated policy names")
-    ] = "full,snapkv,ada-snapkv",
+    policies: PoliciesOption = DEFAULT_POLICIES,
     keep: KeepOption = None,
     tokens: TokensOption = None,
     context: Annotated[int, typer.Option("--context", help="prompt tokens per sequence")] = 4000,
     batch: Annotated[int, typer.Option("--batch", help="sequences decoded together")] = 1,
     new_tokens: Annotated[int, typer.Option("--new-tokens", help="decode steps timed")] = 32,
-    device: Annotated[str, typer.Option("--device", help="cpu or cuda")] = "cpu",
-    dtype: Annotated[str, typer.Option("--dtype", help="bf16, fp16 or fp32")] = "fp32",
+    device: DeviceOption = Device.cpu,
+    dtype: DtypeOption = Dtype.fp32,
     as_json: Annotated[bool, typer.Option("--json", help="print a JSON list of rows")] = False,
 ) -> None:
-    """Prefill and decode speed, memory and distance to the bandwidth bound, per policy.
-    MODEL may be random:<shape> (random weights, real shapes), e.g. random:llama-3.1-8b."""
-    from kvsqueeze.bench import run_bench
+    """Prefill and decode speed, memory and distance to the bandwidth bound, per policy."""
+    from kvsqueeze.bench.runner import run_bench
+    from kvsqueeze.cli.progress import policy_progress
 
-    try:
-        if keep is not None and tokens is not None:
-            raise KVSqueezeError("give either --keep or --tokens, not both")
-        if dtype not in DTYPES:
-            raise KVSqueezeError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
-        if device not in ("cpu", "cuda"):
-            raise KVSqueezeError(f"unknown device {device!r}; choose cpu or cuda")
-        names = [p.strip() for p in policies.split(",") if p.strip()]
-        rows = run_bench(model, names, keep, tokens, context, batch, new_tokens, device, DTYPES[dtype])
-    except ValueError as err:
-        fail(str(err))
+    if keep is not None and tokens is not None:
+        raise KVSqueezeError("give either --keep or --tokens, not both")
+    names = list(_policy_list(policies))
+    rows = run_bench(
+        model, names, keep, tokens, context, batch, new_tokens, device.value, torch_dtype(dtype), policy_progress
+    )
     if as_json:
         typer.echo(json.dumps([row.to_json() for row in rows]))
         return
-    from kvsqueeze.bench import bench_table
+    from kvsqueeze.cli.tables import bench_table
 
-    bench_table(rows, f"{model}, {device} {dtype}, batch {batch}, context {context}, {new_tokens} steps")
+    bench_table(rows, f"{model}, {device.value} {dtype.value}, batch {batch}, context {context}, {new_tokens} steps")
 
 
 def _numbers(text: str | None, kind: type, option: str) -> tuple:
@@ -157,83 +223,68 @@ def _numbers(text: str | None, kind: type, option: str) -> tuple:
         raise KVSqueezeError(f"{option} takes comma-separated numbers, got {text!r}") from None
 
 
+def require_extra(extra: str, *modules: str) -> None:
+    """Fail with the pip command when an optional extra's packages are missing."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise KVSqueezeError(
+            f"this needs the [{extra}] extra ({', '.join(missing)} missing): pip install 'kvsqueeze[{extra}]'"
+        )
+
+
 @app.command("eval")
+@one_line_errors
 def evaluate(
     model: ModelOption = "smollm2-135m",
     task: Annotated[str, typer.Option("--task", help="needle, ruler, ppl or longbench")] = "needle",
-    policies: Annotated[str, typer.Option("--policies", help="comma-separated policy names")] = DEFAULT_BENCH,
+    policies: PoliciesOption = DEFAULT_POLICIES,
     keep: Annotated[str | None, typer.Option("--keep", help="keep ratios, e.g. 0.1,0.2")] = None,
     tokens: Annotated[str | None, typer.Option("--tokens", help="tokens per head, e.g. 128,256")] = None,
     lengths: Annotated[str | None, typer.Option("--lengths", help="prompt lengths in tokens")] = None,
     depths: Annotated[str, typer.Option("--depths", help="needle depths in [0, 1]")] = "0.1,0.5,0.9",
     samples: Annotated[int, typer.Option("--samples", help="samples per cell (per dataset for longbench)")] = 1,
     seed: Annotated[int, typer.Option("--seed")] = 0,
-    question_agnostic: Annotated[
-        bool, typer.Option("--question-agnostic", help="compress the context before the question is seen")
-    ] = False,
+    question_agnostic: QuestionAgnosticOption = False,
     data: Annotated[Path | None, typer.Option("--data", help="LongBench-format JSONL file")] = None,
     ray: Annotated[
         str | None, typer.Option("--ray", help="run on Ray: bare --ray starts it locally, or give ADDRESS")
     ] = None,
     window: WindowOption = 32,
     alpha: AlphaOption = 0.2,
-    dtype: Annotated[str, typer.Option("--dtype", help="bf16, fp16 or fp32")] = "fp32",
-    device: Annotated[str, typer.Option("--device", help="cpu or cuda")] = "cpu",
+    dtype: DtypeOption = Dtype.fp32,
+    device: DeviceOption = Device.cpu,
     out: Annotated[Path, typer.Option("--out", help="folder for results.jsonl, summary.md and plots")] = Path(
         "eval-results"
     ),
 ) -> None:
     """Score policies x budgets x lengths on a task; resumable; writes JSONL, markdown and plots."""
+    require_extra("eval", "matplotlib", "rapidfuzz", "rouge_score")
+    if ray is not None:
+        require_extra("ray", "ray")
+    if out.exists() and not out.is_dir():
+        raise KVSqueezeError(f"--out {str(out)!r} is a file; give a folder")
     from kvsqueeze.eval.config import EvalConfig
     from kvsqueeze.eval.runner import run_eval
+    from kvsqueeze.hf.models import check_device
 
-    try:
-        if dtype not in DTYPES:
-            raise KVSqueezeError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
-        if device not in ("cpu", "cuda"):
-            raise KVSqueezeError(f"unknown device {device!r}; choose cpu or cuda")
-        config = EvalConfig(
-            model=model,
-            task=task,
-            policies=tuple(p.strip() for p in policies.split(",") if p.strip()),
-            out=out,
-            keeps=_numbers(keep, float, "--keep"),
-            tokens=_numbers(tokens, int, "--tokens"),
-            lengths=_numbers(lengths, int, "--lengths"),
-            depths=_numbers(depths, float, "--depths"),
-            samples=samples,
-            seed=seed,
-            question_agnostic=question_agnostic,
-            data=data,
-            window=window,
-            alpha=alpha,
-            dtype=DTYPES[dtype],
-            device=device,
-        )
-        results = run_eval(config, ray_address=ray)
-    except ValueError as err:
-        fail(str(err))
+    check_device(device.value)
+    config = EvalConfig(
+        model=model,
+        task=task,
+        policies=_policy_list(policies),
+        out=out,
+        keeps=_numbers(keep, float, "--keep"),
+        tokens=_numbers(tokens, int, "--tokens"),
+        lengths=_numbers(lengths, int, "--lengths"),
+        depths=_numbers(depths, float, "--depths"),
+        samples=samples,
+        seed=seed,
+        question_agnostic=question_agnostic,
+        data=data,
+        window=window,
+        alpha=alpha,
+        dtype=str(torch_dtype(dtype)).removeprefix("torch."),
+        device=device.value,
+    )
+    results = run_eval(config, ray_address=ray)
     typer.echo(f"wrote {results}, {out / 'summary.md'} and plots in {out}")
-
-
-def with_bare_ray(argv: list[str]) -> list[str]:
-    """`--ray` takes an optional ADDRESS: a bare `--ray` means a local Ray."""
-    fixed = []
-    for i, arg in enumerate(argv):
-        fixed.append(arg)
-        if arg == "--ray" and (i + 1 == len(argv) or argv[i + 1].startswith("-")):
-            fixed.append("local")
-    return fixed
-
-
-def main() -> None:
-    # Usage errors (a mistyped option or value) get the same one-line form as bad input.
-    try:
-        code = app(args=with_bare_ray(sys.argv[1:]), standalone_mode=False)
-    except UsageError as err:
-        if err.format_message():  # empty when the help was shown for a bare `kvsqueeze`
-            typer.echo(f"error: {err.format_message()}", err=True)
-        code = 2
-    except typer.Abort:
-        code = 130
-    sys.exit(code or 0)

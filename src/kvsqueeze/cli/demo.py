@@ -3,25 +3,28 @@ retrieved with the full cache and with three compressed ones."""
 
 from __future__ import annotations
 
+import torch
 from rich.console import Console
-from rich.progress import track
 from rich.table import Table
 
+from kvsqueeze.cli.progress import policy_progress
 from kvsqueeze.data.haystack import build_haystack
-from kvsqueeze.generate import generate
+from kvsqueeze.hf.generate import generate
 from kvsqueeze.hf.models import load_model
 from kvsqueeze.policy import make_policy
 
 DEMO_POLICIES = ("full", "streamingllm", "snapkv", "ada-snapkv")
 
 
-def run_demo(model_name: str, context_tokens: int, keep: float) -> list[dict]:
+def run_demo(
+    model_name: str, context_tokens: int, keep: float, device: str = "cpu", dtype: torch.dtype = torch.float32
+) -> list[dict]:
     console = Console(width=max(120, Console().width))
     policies = [make_policy(name, keep=keep) for name in DEMO_POLICIES]  # bad input fails before any loading
-    model, tokenizer = load_model(model_name)
+    model, tokenizer = load_model(model_name, dtype=dtype, device=device)
     hay = build_haystack(tokenizer, context_tokens, depth=0.5)
     rows = []
-    for policy in track(policies, description="policies", console=console, transient=True):
+    for policy in policy_progress(policies, console):
         result = generate(model, tokenizer, policy, hay.context, hay.question, max_new_tokens=24, chat=True)
         rows.append({"policy": policy.name, "correct": hay.answer in result.text, **result.to_json()})
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from transformers import PreTrainedTokenizerBase
 
 from kvsqueeze.errors import KVSqueezeError
-from kvsqueeze.generate import encode_prompt
+from kvsqueeze.hf.prompt import encode_prompt
 
 
 @dataclass(frozen=True)

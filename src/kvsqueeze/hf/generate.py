@@ -7,11 +7,13 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kvsqueeze.errors import KVSqueezeError
-from kvsqueeze.hf import KVSqueezeCache
+from kvsqueeze.hf.cache import KVSqueezeCache
+from kvsqueeze.hf.decode import greedy, stop_ids
 from kvsqueeze.hf.models import max_context
+from kvsqueeze.hf.prompt import encode_prompt
 from kvsqueeze.policy import Policy
 
 
@@ -31,27 +33,6 @@ class GenerationResult:
 
     def to_json(self) -> dict:
         return asdict(self)
-
-
-def encode_prompt(
-    tokenizer: PreTrainedTokenizerBase, context: str, question: str | None, chat: bool, answer_prefix: str = ""
-) -> tuple[list[int], list[int]]:
-    """Token ids of the context part and of the question part (with any chat
-    template suffix, then `answer_prefix`: the start of the answer, which the model
-    continues), so the context can be compressed before the question is seen."""
-    if chat:
-        user = context if not question else f"{context}\n\n{question}"
-        full = tokenizer.apply_chat_template(
-            [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
-        )
-        cut = full.index(context) + len(context)
-        prefix, suffix, special = full[:cut], full[cut:] + answer_prefix, False
-    else:
-        suffix = (f"\n\n{question}\n" if question else "") + answer_prefix
-        prefix, special = context, True
-    prefix_ids = tokenizer(prefix, add_special_tokens=special)["input_ids"] if prefix else []
-    suffix_ids = tokenizer(suffix, add_special_tokens=False)["input_ids"] if suffix else []
-    return prefix_ids, suffix_ids
 
 
 def generate(
@@ -84,8 +65,6 @@ def generate(
     device = model.device
     prompt = torch.tensor([context_ids + question_ids], device=device)
     cache = KVSqueezeCache(model, policy)
-    eos = model.generation_config.eos_token_id
-    eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
 
     with torch.inference_mode():
         start = time.perf_counter()
@@ -96,22 +75,11 @@ def generate(
             logits = model(prompt[:, len(context_ids) :], past_key_values=cache, use_cache=True).logits
         prefill_seconds = time.perf_counter() - start
         kept = cache.kept_tokens_per_head(0)
-        first = logits[:, -1].argmax(dim=-1, keepdim=True)
-        sequence = torch.cat([prompt, first], dim=1)
-        decode_seconds, decoded = 0.0, 0
-        if max_new_tokens > 1 and int(first) not in eos_ids:
-            config = GenerationConfig(
-                do_sample=False,
-                max_new_tokens=max_new_tokens - 1,
-                eos_token_id=list(eos_ids) or None,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-            start = time.perf_counter()
-            sequence = model.generate(sequence, generation_config=config, past_key_values=cache)
-            decode_seconds = time.perf_counter() - start
-            decoded = sequence.shape[1] - prompt_len - 1
+        start = time.perf_counter()
+        new = greedy(model, cache, logits[:, -1], max_new_tokens, stop_ids(model))
+        decode_seconds = time.perf_counter() - start
+    decoded = max(len(new) - 1, 0)  # forward passes after prefill: the last token is not fed back
 
-    new = sequence[0, prompt_len:].tolist()
     text = tokenizer.decode(new, skip_special_tokens=True)
     return GenerationResult(
         text=text,

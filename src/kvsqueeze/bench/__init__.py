@@ -1,0 +1,1 @@
+"""Measuring: prefill and decode speed per policy, peak memory, memory bandwidth."""

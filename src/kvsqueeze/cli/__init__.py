@@ -1,0 +1,6 @@
+"""The `kvsqueeze` command line: commands (app), the entry point (main), rendering."""
+
+from kvsqueeze.cli.app import app
+from kvsqueeze.cli.main import main, with_bare_ray
+
+__all__ = ["app", "main", "with_bare_ray"]

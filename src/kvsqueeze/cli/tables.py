@@ -1,0 +1,28 @@
+"""The bench's rows as a table on the terminal."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from kvsqueeze.bench.runner import BenchRow
+
+
+def bench_table(rows: list[BenchRow], title: str) -> None:
+    table = Table(title=title)
+    columns = ("policy", "prefill s", "decode ms/step", "tok/s", "peak MiB", "KV MiB", "KV full MiB", "bound ms")
+    for col in (*columns, "x bound"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(
+            r.policy,
+            f"{r.prefill_seconds:.3f}",
+            f"{r.decode_ms_per_step:.2f}",
+            f"{r.decode_tokens_per_second:.1f}",
+            f"{r.peak_memory_bytes / 2**20:.0f}",
+            f"{r.kv_bytes_stored / 2**20:.1f}",
+            f"{r.kv_bytes_full / 2**20:.1f}",
+            f"{r.bound_ms_per_step:.2f}",
+            f"{r.ratio_to_bound:.2f}",
+        )
+    Console(width=max(120, Console().width)).print(table)
