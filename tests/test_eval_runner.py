@@ -16,7 +16,8 @@ from kvsqueeze.eval.runner import run_eval
 
 DATA = Path(__file__).parent / "data" / "longbench_sample.jsonl"
 ROW_FIELDS = {
-    "model", "task", "sample", "length", "depth", "question_agnostic", "seed", "policy", "keep", "tokens",
+    "model", "task", "sample", "length", "depth", "question_agnostic", "seed", "data", "window", "alpha",
+    "group_reduce", "dtype", "policy", "keep", "tokens",
     "score", "answer_logprob", "prediction", "prompt_tokens", "kv_bytes_stored", "kv_bytes_full",
     "prefill_seconds", "kept_tokens_per_head",
 }  # fmt: skip

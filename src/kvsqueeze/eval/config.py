@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import os
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.eval.tasks import get_task
 from kvsqueeze.policy import Policy, make_policy
 
+_SETTING = "row_setting"
+
+
+def setting(default: object = MISSING) -> object:
+    """A config field that changes a row's values: every row records it and it is part
+    of the row's resume key, so a run with another value adds rows instead of reusing
+    these, and reports never average across values. Its default is also the value
+    assumed for rows written before the field was recorded, so a new setting's
+    default must be what earlier runs did."""
+    return field(default=default, metadata={_SETTING: True})
+
 
 @dataclass(frozen=True)
 class EvalConfig:
-    model: str
+    model: str = setting()
     task: str
     policies: tuple[str, ...]
     out: Path
@@ -21,14 +33,20 @@ class EvalConfig:
     lengths: tuple[int, ...] = ()
     depths: tuple[float, ...] = (0.5,)
     samples: int = 1
-    seed: int = 0
-    question_agnostic: bool = False
-    data: Path | None = None
-    window: int = 32
-    alpha: float = 0.2
-    dtype: str = "float32"
+    seed: int = setting(0)
+    question_agnostic: bool = setting(False)
+    data: Path | None = setting(None)
+    window: int = setting(32)
+    alpha: float = setting(0.2)
+    group_reduce: str = setting("mean")
+    dtype: str = setting("float32")
     device: str = "cpu"
     threads: int = field(default=0, compare=False)  # torch threads per worker; 0 = torch's default
+
+    def settings(self) -> dict:
+        """The settings as a row records them (JSON values)."""
+        values = {name: getattr(self, name) for name in SETTINGS}
+        return {k: str(v) if isinstance(v, Path) else v for k, v in values.items()}
 
     def validate(self) -> None:
         task = get_task(self.task)
@@ -47,11 +65,12 @@ class EvalConfig:
             raise KVSqueezeError(f"samples must be at least 1, got {self.samples}")
         if self.task == "longbench" and self.data is None:
             raise KVSqueezeError("the longbench task needs --data FILE (LongBench-format JSONL)")
+        _check_out(self.out)
 
     def policy_grid(self) -> list[Policy]:
         """The full cache first (every sample's reference row), then each policy at
         each budget."""
-        common = {"window": self.window, "alpha": self.alpha, "seed": self.seed}
+        common = {"window": self.window, "alpha": self.alpha, "group_reduce": self.group_reduce, "seed": self.seed}
         grid = [make_policy("full", **common)]
         for name in dict.fromkeys(self.policies):
             if name == "full":
@@ -59,3 +78,26 @@ class EvalConfig:
             grid += [make_policy(name, keep=k, **common) for k in self.keeps]
             grid += [make_policy(name, tokens=t, **common) for t in self.tokens]
         return grid
+
+
+SETTINGS: tuple[str, ...] = tuple(f.name for f in fields(EvalConfig) if f.metadata.get(_SETTING))
+# What a row without a setting's field (written before it was recorded) was run with.
+OLD_ROW_SETTINGS: dict = {
+    f.name: f.default for f in fields(EvalConfig) if f.metadata.get(_SETTING) and f.default is not MISSING
+}
+
+
+def _check_out(out: Path) -> None:
+    """The results folder must be creatable and writable, so a bad --out fails now
+    and not after the first sample has run."""
+    if out.exists() and not out.is_dir():
+        raise KVSqueezeError(f"--out {str(out)!r} is a file, not a folder")
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise KVSqueezeError(f"--out {str(out)!r} is inside {str(existing)!r}, which is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise KVSqueezeError(f"--out {str(out)!r}: {str(existing)!r} is not writable")
+    if (out / "results.jsonl").is_dir():
+        raise KVSqueezeError(f"{str(out / 'results.jsonl')!r} is a folder; results.jsonl must be a file")

@@ -1,19 +1,24 @@
-"""summary.md: mean score per policy x budget (with the full-cache row), per task,
-mode and length, a per-subtask breakdown, and Ada-KV against its uniform twin."""
+"""summary.md: per model, mean score per policy x budget (with the full-cache row),
+per task, mode, setting and length, a per-subtask breakdown, and Ada-KV against its
+uniform twin."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from statistics import pstdev
 
+from kvsqueeze.eval.atomic import replacing
 from kvsqueeze.eval.table import (
     MODES,
+    Part,
     budget_label,
-    family,
     grouped,
     mean,
     ordered_budgets,
     ordered_policies,
+    parts,
+    shared_settings,
+    varying_settings,
 )
 
 LOWER_IS_BETTER = {"ppl"}
@@ -102,29 +107,52 @@ def _ada_comparison(rows: list[dict]) -> list[str]:
 
 
 def summary_markdown(rows: list[dict]) -> str:
-    models = sorted({r["model"] for r in rows})
-    out = [f"# kvsqueeze eval — {', '.join(models)}", "", f"{len(rows)} rows (results.jsonl); scores are sample means."]
-    for (fam, agnostic), part in sorted(grouped(rows, lambda r: (family(r["task"]), r["question_agnostic"])).items()):
-        direction = "perplexity, lower is better" if fam in LOWER_IS_BETTER else "higher is better"
-        heading = f"## {fam} — {MODES[agnostic]}" if fam not in LOWER_IS_BETTER else f"## {fam}"
-        out += ["", heading, "", f"Score: {direction}. All lengths:", "", *_score_table(part)]
-        lengths = sorted({r["length"] for r in part})
-        if len(lengths) > 1:
-            for length in lengths:
-                out += ["", f"Length {length}:", "", *_score_table([r for r in part if r["length"] == length])]
-        if len({r["task"] for r in part}) > 1:
-            out += ["", "By subtask (all lengths):", "", *_subtask_table(part)]
-        if fam not in LOWER_IS_BETTER:
-            comparison = _ada_comparison(part)
-            if comparison:
-                out += ["", ADA_HEADING, "", *comparison]
+    """One report per model; within it a section per task family, mode and value of
+    any setting that differs between the model's rows, so no mean mixes settings."""
+    out = []
+    for model, model_rows in sorted(grouped(rows, lambda r: r["model"]).items()):
+        if out:
+            out.append("")
+        varying = varying_settings(model_rows)
+        out += [
+            f"# kvsqueeze eval — {model}",
+            "",
+            f"{len(model_rows)} rows (results.jsonl); scores are sample means. "
+            f"Settings: {shared_settings(model_rows)}."
+            + (f" Sections differ in {', '.join(varying)} (never averaged together)." if varying else ""),
+        ]
+        for part in parts(model_rows):
+            out += _section(part)
     return "\n".join(out) + "\n"
 
 
-def write_reports(rows: list[dict], out: Path) -> None:
-    """summary.md and the PNG plots, from every row so far."""
+def _section(part: Part) -> list[str]:
+    fam, rows = part.family, part.rows
+    direction = "perplexity, lower is better" if fam in LOWER_IS_BETTER else "higher is better"
+    heading = f"## {fam}" if fam in LOWER_IS_BETTER else f"## {fam} — {MODES[part.agnostic]}"
+    if part.settings:
+        heading += f" — {part.settings}"
+    out = ["", heading, "", f"Score: {direction}. All lengths:", "", *_score_table(rows)]
+    lengths = sorted({r["length"] for r in rows})
+    if len(lengths) > 1:
+        for length in lengths:
+            out += ["", f"Length {length}:", "", *_score_table([r for r in rows if r["length"] == length])]
+    if len({r["task"] for r in rows}) > 1:
+        out += ["", "By subtask (all lengths):", "", *_subtask_table(rows)]
+    if fam not in LOWER_IS_BETTER:
+        comparison = _ada_comparison(rows)
+        if comparison:
+            out += ["", ADA_HEADING, "", *comparison]
+    return out
+
+
+def write_reports(rows: list[dict], out: Path, new: list[dict] | None = None) -> None:
+    """summary.md and the PNG plots, from every row so far (`new`: the rows just added;
+    plots they do not change are kept). Each file is replaced in one step, so an
+    interrupted run leaves the previous complete version."""
     from kvsqueeze.eval.plots import write_plots
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.md").write_text(summary_markdown(rows), encoding="utf-8")
-    write_plots(rows, out)
+    with replacing(out / "summary.md") as tmp:
+        tmp.write_text(summary_markdown(rows), encoding="utf-8")
+    write_plots(rows, out, new)

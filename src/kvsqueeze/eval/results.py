@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-UNIT_FIELDS = ("model", "task", "sample", "length", "depth", "question_agnostic", "seed")
-ROW_FIELDS = (*UNIT_FIELDS, "policy", "keep", "tokens")
+from kvsqueeze.eval.config import OLD_ROW_SETTINGS, SETTINGS
+
+# A row's identity: its settings, which sample, and which policy and budget.
+ROW_FIELDS = (*SETTINGS, "task", "sample", "length", "depth", "policy", "keep", "tokens")
 TIMING_FIELDS = ("prefill_seconds",)  # measured, so not expected to repeat exactly
 
 
@@ -16,13 +18,15 @@ def row_key(row: dict) -> tuple:
 
 
 def read_rows(path: Path) -> list[dict]:
-    """Rows already written; a line cut short by a crash is skipped (and redone)."""
+    """Rows already written, each with every setting (a row written before a setting
+    was recorded gets the value runs then used); a line cut short by a crash is
+    skipped (and redone)."""
     if not path.is_file():
         return []
     rows = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
-            rows.append(json.loads(line))
+            rows.append({**OLD_ROW_SETTINGS, **json.loads(line)})
         except json.JSONDecodeError:
             continue
     return rows

@@ -21,14 +21,13 @@ class Unit:
 
 
 def unit_fields(config: EvalConfig, sample: Sample) -> dict:
+    """What every row of this sample starts with: the run's settings and the sample."""
     return {
-        "model": config.model,
+        **config.settings(),
         "task": sample.task,
         "sample": sample.index,
         "length": sample.length,
         "depth": sample.depth,
-        "question_agnostic": config.question_agnostic,
-        "seed": config.seed,
     }
 
 
