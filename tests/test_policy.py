@@ -3,14 +3,15 @@ budgets, and the keep masks every preset produces."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from kvsqueeze.policy import Budget, Policy, ScoreInput, make_policy, policy_names
-from kvsqueeze.policy.allocate import AdaKVAllocator, FlatSchedule, PyramidSchedule, UniformAllocator
+from kvsqueeze.policy.allocate import AdaKVAllocator, UniformAllocator
+from kvsqueeze.policy.schedule import FlatSchedule, PyramidSchedule
 from kvsqueeze.policy.score import (
     H2OScorer,
     KNormScorer,
@@ -57,24 +58,94 @@ def by_group(scores: torch.Tensor, kv_heads: int, how: str = "mean") -> torch.Te
 
 
 # ----------------------------------------------------------------------- scorers
-@pytest.mark.parametrize("how", ["mean", "max"])
-def test_snapkv_equals_naive(how):
+def paper_softmax_row(q: list[float], keys: list[list[float]], scaling: float) -> list[float]:
+    """softmax_j(q . k_j * scaling) over the keys a query may see, in plain Python."""
+    logits = [scaling * sum(a * b for a, b in zip(q, k, strict=True)) for k in keys]
+    top = max(logits)
+    exps = [math.exp(v - top) for v in logits]
+    return [e / sum(exps) for e in exps]
+
+
+def paper_pool(row: list[float], kernel: int, how: str) -> list[float]:
+    """1-D pooling with stride 1 and zero padding kernel // 2 (avg counts the padding)."""
+    half, pad = kernel // 2, (0.0 if how == "avg" else -math.inf)
+    out = []
+    for i in range(len(row)):
+        window = [row[j] if 0 <= j < len(row) else pad for j in range(i - half, i + half + 1)]
+        out.append(max(window) if how == "max" else sum(window) / kernel)
+    return out
+
+
+def paper_group(rows: list[list[float]], how: str) -> list[float]:
+    """Reduce the query heads of a GQA group, token by token, by mean or max."""
+    return [max(col) if how == "max" else sum(col) / len(col) for col in zip(*rows, strict=True)]
+
+
+def paper_snapkv(x: ScoreInput, kernel: int, pool: str, how: str, order: str) -> torch.Tensor:
+    """SnapKV as its paper defines it, per head: the last `window` queries vote for the
+    prefix keys with their softmax attention (each query over the real keys up to its
+    own position), votes are summed over the window and pooled over the prefix; the
+    window itself is kept anyway. GQA: reduce the query heads of a group before or
+    after pooling. Written with loops, independently of the implementation."""
+    b, hq, t, _ = x.queries.shape
+    hkv = x.keys.shape[1]
+    g = hq // hkv
+    w = min(x.window, t)
+    out = torch.zeros(b, hkv, t, dtype=torch.float64)
+    for bi in range(b):
+        real = [j for j in range(t) if x.valid[bi, j]]
+        for kv in range(hkv):
+            votes = []
+            for qh in range(kv * g, (kv + 1) * g):
+                total = [0.0] * t
+                for i in range(t - w, t):
+                    if not x.valid[bi, i]:
+                        continue
+                    seen = [j for j in real if j <= i and (x.sliding_window is None or i - j < x.sliding_window)]
+                    probs = paper_softmax_row(
+                        x.queries[bi, qh, i].tolist(), [x.keys[bi, kv, j].tolist() for j in seen], x.scaling
+                    )
+                    for j, p in zip(seen, probs, strict=True):
+                        total[j] += p
+                votes.append(total)
+            if order == "reduce-then-pool":
+                votes = [paper_group(votes, how)]
+            pooled = [paper_pool(v[: t - w], kernel, pool) + v[t - w :] for v in votes]
+            out[bi, kv] = torch.tensor(paper_group(pooled, how), dtype=torch.float64)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("how", "pool", "order"),
+    [("mean", "max", "pool-then-reduce"), ("max", "max", "pool-then-reduce"), ("mean", "avg", "reduce-then-pool")],
+)
+def test_snapkv_equals_paper_definition(how, pool, order):
     x = make_input([40, 33], t=40, window=8)
-    w = x.window
-    probs = naive_probs(x, 40 - w, 40).sum(dim=2)  # [b, hq, t]
-    b, hq, t = probs.shape
-    pooled = F.max_pool1d(probs.view(b * hq, 1, t), kernel_size=7, stride=1, padding=3).view(b, hq, t)
-    expected = by_group(pooled, x.keys.shape[1], how)
-    got = SnapKVScorer(group_reduce=how)(x)
+    expected = paper_snapkv(x, 7, pool, how, order)
+    got = SnapKVScorer(group_reduce=how, pool=pool, kernel=7, pool_order=order)(x)
     assert got.shape == (2, 2, 40)
-    torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
+    real = x.valid[:, None, :].expand_as(got)  # padding slots: pooled zeros vs -inf padding, never kept
+    torch.testing.assert_close(got.double()[real], expected[real], atol=1e-5, rtol=1e-5)
+
+
+def test_snapkv_pools_only_the_prefix_and_orders_differ():
+    x = make_input([48], t=48, window=8, seed=5)
+    scorer = SnapKVScorer()
+    sums = attention_probs(x, 40, 48).sum(dim=3)
+    # The window's keys keep their own (unpooled) votes: a strong window key does not leak backwards.
+    torch.testing.assert_close(scorer(x)[..., 40:], sums.mean(dim=2)[..., 40:])
+    assert not torch.equal(scorer(x), SnapKVScorer(pool_order="reduce-then-pool")(x))
 
 
 def test_snapkv_window_longer_than_prompt():
     x = make_input([10], t=10, window=32)
-    probs = naive_probs(x, 0, 10).sum(dim=2)
-    pooled = F.max_pool1d(probs.view(6, 1, 10), kernel_size=7, stride=1, padding=3).view(1, 6, 10)
-    torch.testing.assert_close(SnapKVScorer()(x).double(), by_group(pooled, 2), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(SnapKVScorer()(x).double(), paper_snapkv(x, 7, "max", "mean", "pool-then-reduce"))
+
+
+def test_snapkv_rejects_bad_parameters():
+    for kwargs in ({"kernel": 4}, {"pool": "median"}, {"pool_order": "sideways"}):
+        with pytest.raises(ValueError):
+            SnapKVScorer(**kwargs)
 
 
 @pytest.mark.parametrize("chunk", [7, 512])
@@ -92,7 +163,12 @@ def test_tova_knorm_streamingllm_equal_definitions():
     x = make_input([24, 17], t=24)
     tova = by_group(naive_probs(x, 23, 24)[:, :, 0], x.keys.shape[1])
     torch.testing.assert_close(TOVAScorer()(x).double(), tova, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(KNormScorer()(x), -x.keys.norm(dim=-1))
+    # KNorm's paper keeps the keys of lowest L2 norm: score = -sqrt(sum of squares).
+    b, h, t, _ = x.keys.shape
+    norms = torch.zeros(b, h, t, dtype=torch.float64)
+    for i, j, k in itertools.product(range(b), range(h), range(t)):
+        norms[i, j, k] = -math.sqrt(sum(v * v for v in x.keys[i, j, k].tolist()))
+    torch.testing.assert_close(KNormScorer()(x).double(), norms)
     recency = StreamingLLMScorer()(x)
     assert recency.shape == (2, 2, 24)
     assert bool((recency[..., 1:] > recency[..., :-1]).all())
@@ -304,16 +380,20 @@ def test_preset_keep_mask(name, prefill):
     per_head = masks.sum(dim=-1)  # [L, b, h]
     # On average over layers and heads, each head keeps exactly keep x its real tokens.
     assert torch.equal(per_head.sum(dim=(0, 2)), budget * NUM_LAYERS * 2)
-    assert bool(masks[..., -WINDOW:].all()), "the observation window is always kept"
     if name.endswith("streamingllm"):
         for i, n in enumerate(N_VALID):
             assert bool(masks[:, i, :, T - n : T - n + 4].all()), "attention sinks are kept"
     for layer in range(NUM_LAYERS):
         layer_budget = policy.schedule(budget, layer, NUM_LAYERS, WINDOW)
+        for i in range(2):  # the window is kept, up to half of the layer's budget
+            newest = min(WINDOW, int(layer_budget[i]) // 2)
+            assert bool(masks[layer, i, :, T - newest :].all()), "the observation window is always kept"
         assert torch.equal(per_head[layer].sum(dim=-1), 2 * layer_budget)  # layer total = uniform total
-        if name.startswith("ada-"):
-            floor = torch.floor(layer_budget * 0.2).long()
-            assert bool((per_head[layer] >= torch.maximum(floor, torch.tensor(WINDOW))[:, None]).all())
+        if name.startswith("ada-"):  # the paper's safeguard: protected + int(alpha x the rest)
+            protected = torch.minimum(layer_budget // 2, torch.tensor(WINDOW))
+            protected += (layer_budget - protected).clamp_max(4) if name.endswith("streamingllm") else 0
+            floor = protected + torch.floor((layer_budget - protected) * 0.2).long()
+            assert bool((per_head[layer] >= floor[:, None]).all())
         else:
             assert bool((per_head[layer] == layer_budget[:, None]).all())
     if "pyramidkv" in name:

@@ -3,7 +3,8 @@
 policy/ must not import ops/, so the policy's scorers stay plain torch; a caller that
 has both (the cache) asks here for the scores and hands them to
 Policy.keep_mask(..., scores=...). Any scorer other than SnapKV, any CPU tensor, or
-a window the kernel does not take, gets the policy's own scorer: same numbers.
+a window the kernel does not take, gets the policy's own scorer: same numbers (the
+kernel masks by x.sliding_window and pools through the scorer, as scorer(x) does).
 """
 
 from __future__ import annotations

@@ -13,9 +13,10 @@ two), and a chunk of the keys. Pass 1 writes each row's online (max, sum) over i
 chunk; torch merges the chunks into a log-sum-exp per row; pass 2 recomputes the
 logits, turns them into probabilities and sums the window rows of each group, so the
 output stays per query head. Causality inside the window (query i sees keys up to
-its own position) and padding keys are masked as in attention_probs. The max-pool
-along tokens and the reduction over the GQA group stay in torch: they are cheap and
-exactly the policy's.
+its own position), the layer's sliding window (query q sees key k when q - k <
+sliding_window) and padding keys are masked as in attention_probs. Pooling and the
+reduction over the GQA group stay in torch (SnapKVScorer.from_window_sums): they are
+cheap and exactly the policy's.
 """
 
 from __future__ import annotations
@@ -23,12 +24,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from kvsqueeze.ops._triton import dot_precision, launcher, next_pow2, sm_count
-from kvsqueeze.policy.score.base import ScoreInput, reduce_group
+from kvsqueeze.policy.score.base import ScoreInput
 from kvsqueeze.policy.score.snapkv import SnapKVScorer
 
 LOG2E = 1.4426950408889634
@@ -48,6 +48,7 @@ def _snapkv_kernel(
     t,
     q_start,
     w,
+    sliding,
     kv_heads,
     group_blocks,
     chunk,
@@ -111,7 +112,8 @@ def _snapkv_kernel(
             other=0.0,
         )
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [ROWS, BLOCK_T], log2 units
-        seen = row_ok[:, None] & col_ok[None, :] & (offs_j[None, :] <= q_pos[:, None])
+        behind = q_pos[:, None] - offs_j[None, :]
+        seen = row_ok[:, None] & col_ok[None, :] & (behind >= 0) & (behind < sliding)
         s = tl.where(seen, s, float("-inf"))
         if STATS:
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -155,11 +157,13 @@ def window_attention_sums(
     valid: torch.Tensor,
     scaling: float,
     window: int,
+    sliding_window: int | None = None,
     *,
     chunk: int | None = None,
 ) -> torch.Tensor:
     """sum over the last `window` queries of their causal softmax attention to every
-    key, per query head: [b, hq, t] in fp32 (attention_probs(...).sum(dim=3), unpooled)."""
+    key (within `sliding_window`, if any), per query head: [b, hq, t] in fp32
+    (attention_probs(...).sum(dim=3), unpooled)."""
     b, hq, t, d = queries.shape
     hkv = keys.shape[1]
     group = hq // hkv
@@ -197,7 +201,9 @@ def window_attention_sums(
         PRECISION=dot_precision(queries.dtype),
         num_warps=8 if rows >= 128 else 4,
     )
-    args = [t, t - w, w, hkv, group_blocks, chunk, num_chunks, scaling * LOG2E]
+    # Without a sliding window every causal key is in reach: q - k < t always holds.
+    reach = t if sliding_window is None else sliding_window
+    args = [t, t - w, w, reach, hkv, group_blocks, chunk, num_chunks, scaling * LOG2E]
     args += [queries.stride(0), queries.stride(1), queries.stride(2)]
     args += [keys.stride(0), keys.stride(1), keys.stride(2), valid_u8.stride(0)]
     grid = (programs, num_chunks)
@@ -214,24 +220,9 @@ def window_attention_sums(
     return out
 
 
-def snapkv_scores(
-    queries: torch.Tensor,
-    keys: torch.Tensor,
-    valid: torch.Tensor,
-    scaling: float,
-    window: int,
-    kernel: int = 7,
-    group_reduce: str = "mean",
-) -> torch.Tensor:
-    """SnapKV scores [b, kv_heads, t], as SnapKVScorer(kernel, group_reduce) gives for
-    ScoreInput(queries, keys, ..., valid, scaling, window)."""
-    b, hq, t, _ = queries.shape
-    hkv = keys.shape[1]
-    sums = window_attention_sums(queries, keys, valid, scaling, window)
-    pooled = F.max_pool1d(sums.view(b * hq, 1, t), kernel_size=kernel, stride=1, padding=kernel // 2)
-    return reduce_group(pooled.view(b, hkv, hq // hkv, t), group_reduce)
-
-
 def snapkv_scores_for(scorer: SnapKVScorer, x: ScoreInput) -> torch.Tensor:
     """The fused equivalent of scorer(x)."""
-    return snapkv_scores(x.queries, x.keys, x.valid, x.scaling, x.window, scorer.kernel, scorer.group_reduce)
+    b, hq, t, _ = x.queries.shape
+    hkv = x.keys.shape[1]
+    sums = window_attention_sums(x.queries, x.keys, x.valid, x.scaling, x.window, x.sliding_window)
+    return scorer.from_window_sums(sums.view(b, hkv, hq // hkv, t), min(x.window, t))

@@ -6,8 +6,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvsqueeze.policy.allocate import Allocator, FlatSchedule, LayerSchedule, UniformAllocator
+from kvsqueeze.policy.allocate import Allocator, UniformAllocator
 from kvsqueeze.policy.budget import Budget
+from kvsqueeze.policy.protect import protected_tokens
+from kvsqueeze.policy.schedule import FlatSchedule, LayerSchedule
 from kvsqueeze.policy.score import ScoreInput, Scorer
 from kvsqueeze.policy.select import keep_mask
 
@@ -17,8 +19,11 @@ class Policy:
     """What to keep after prefill, for one layer at a time.
 
     scorer=None keeps everything (the `full` policy). The last `window` prompt tokens
-    and the first `sinks` tokens of every head are always kept, inside the budget.
-    A sequence whose prompt fits its budget (or this layer's) is left untouched.
+    and the first `sinks` tokens of every head are kept inside the budget (see
+    protect.py for how they shrink when the budget is small). Tokens a sliding window
+    hides from the last prompt query are never kept, and budgets count only the
+    visible tokens: a sequence whose visible tokens fit its budget (or this layer's)
+    keeps all of them. Batches must be left-padded.
     """
 
     name: str
@@ -32,6 +37,11 @@ class Policy:
     def __post_init__(self) -> None:
         if self.window < 0 or self.sinks < 0:
             raise ValueError(f"window and sinks must be >= 0, got window={self.window}, sinks={self.sinks}")
+        if self.window == 0 and self.scorer is not None and self.scorer.observes_queries:
+            raise ValueError(
+                f"window 0 leaves {self.scorer.name} no prompt query to observe and the last prompt token "
+                "unprotected: use a window of at least 1"
+            )
 
     @property
     def compresses(self) -> bool:
@@ -45,25 +55,23 @@ class Policy:
         `scores` may pass in this policy's scorer output for `x`, computed earlier:
         a sweep over budgets scores each prompt once."""
         b, hkv, t, _ = x.keys.shape
-        valid = x.valid[:, None, :].expand(b, hkv, t)
         if not self.compresses:
-            return valid.clone()
-        n_valid = x.valid.sum(dim=-1)
-        mean_budget = self.budget.per_head(n_valid)
-        budget = self.schedule(mean_budget, layer_idx, num_layers, self.window, limit=n_valid)
-        budget = torch.minimum(budget, n_valid)
+            return x.valid[:, None, :].expand(b, hkv, t).clone()
+        x.require_left_padding()
+        visible = x.visible()
+        n_visible = visible.sum(dim=-1)
+        mean_budget = torch.minimum(self.budget.per_head(x.valid.sum(dim=-1)), n_visible)
+        budget = self.schedule(mean_budget, layer_idx, num_layers, self.window, limit=n_visible)
+        budget = torch.minimum(budget, n_visible)
 
-        scores = (self.scorer(x) if scores is None else scores).float().clone()
-        slot = torch.arange(t, device=scores.device)
-        first_valid = (t - n_valid).view(b, 1)  # left padding: real tokens are the last n_valid slots
-        protected_window = slot >= (t - torch.minimum(budget, torch.full_like(budget, self.window))).view(b, 1)
-        protected_sinks = slot < first_valid + min(self.sinks, t)
-        protected = (protected_window | protected_sinks)[:, None, :]
-        scores = scores.masked_fill(protected, float("inf")).masked_fill(~valid, float("-inf"))
+        protected = protected_tokens(x.valid, visible, budget, self.window, self.sinks)[:, None, :]
+        scores = (self.scorer(x) if scores is None else scores).float()
+        scores = scores.masked_fill(protected, float("inf")).masked_fill(~visible[:, None, :], float("-inf"))
 
         counts = self.allocator(scores, budget)
-        keep = keep_mask(scores, counts) & valid
+        visible = visible[:, None, :].expand(b, hkv, t)
+        keep = keep_mask(scores, counts) & visible
         # Short prompts are left untouched, in every layer: a prompt that fits the mean
         # budget is not squeezed by a layer schedule that gives this layer less.
-        fits = ((n_valid <= budget) | (n_valid <= mean_budget)).view(b, 1, 1)
-        return torch.where(fits, valid, keep)
+        fits = ((n_visible <= budget) | (n_visible <= mean_budget)).view(b, 1, 1)
+        return torch.where(fits, visible, keep)

@@ -1,19 +1,18 @@
-"""Preset names -> policies: `full`, each scorer by name, `pyramidkv`, and `ada-*`."""
+"""Preset names -> policies, through the one name grammar (names.py) and the registries."""
 
 from __future__ import annotations
 
-from kvsqueeze.policy.allocate import AdaKVAllocator, PyramidSchedule
+import dataclasses
+
+from kvsqueeze.policy.allocate import ALLOCATORS
 from kvsqueeze.policy.budget import Budget
+from kvsqueeze.policy.names import parse_policy_name
 from kvsqueeze.policy.policy import Policy
-from kvsqueeze.policy.score import SCORERS, SnapKVScorer
+from kvsqueeze.policy.schedule import SCHEDULES
+from kvsqueeze.policy.score import SCORERS
+from kvsqueeze.policy.score.base import GROUP_REDUCTIONS
 
 STREAMING_SINKS = 4
-
-
-def policy_names() -> list[str]:
-    names = ["full", *SCORERS, "pyramidkv", "ada-pyramidkv"]
-    names += [f"ada-{s}" for s in SCORERS]
-    return names
 
 
 def make_policy(
@@ -24,28 +23,38 @@ def make_policy(
     alpha: float = 0.2,
     group_reduce: str = "mean",
     seed: int = 0,
+    safeguard: str = "paper",
+    pool_order: str | None = None,
 ) -> Policy:
-    """Build a preset policy. With neither `keep` nor `tokens`, keep=0.25; `full` keeps all."""
-    if name not in policy_names():
-        raise ValueError(f"unknown policy {name!r}; choose from: {', '.join(policy_names())}")
+    """Build a preset policy. With neither `keep` nor `tokens`, keep=0.25; `full` keeps all.
+
+    `safeguard` picks Ada-KV's starvation rule ("paper" or "kvpress"); `pool_order` the
+    SnapKV GQA order, by default "reduce-then-pool" (Ada-KV's) for ada-* names and
+    "pool-then-reduce" otherwise."""
+    parsed = parse_policy_name(name)
     # Validate the budget even for `full`, which then ignores it (it is the reference row of a sweep).
     budget = Budget(keep=keep if keep is not None or tokens is not None else 0.25, tokens=tokens)
-    if name == "full":
-        return Policy(name="full", scorer=None, budget=Budget(keep=1.0), window=window)
-    if group_reduce not in ("mean", "max"):
+    if parsed.scorer is None:
+        return Policy(name=name, scorer=None, budget=Budget(keep=1.0), window=window)
+    if group_reduce not in GROUP_REDUCTIONS:
         raise ValueError(f"unknown GQA group reduction {group_reduce!r}: use 'mean' or 'max'")
 
-    base = name.removeprefix("ada-")
-    if base == "pyramidkv":
-        scorer, schedule = SnapKVScorer(group_reduce=group_reduce), PyramidSchedule()
-    else:
-        scorer_cls = SCORERS[base]
-        kwargs = {"seed": seed} if base == "random" else {}
-        if base in ("snapkv", "h2o", "tova"):
-            kwargs["group_reduce"] = group_reduce
-        scorer, schedule = scorer_cls(**kwargs), None
-    extra = {"schedule": schedule} if schedule is not None else {}
-    if name.startswith("ada-"):
-        extra["allocator"] = AdaKVAllocator(alpha=alpha)
-    sinks = STREAMING_SINKS if base == "streamingllm" else 0
-    return Policy(name=name, scorer=scorer, budget=budget, window=window, sinks=sinks, **extra)
+    ada = parsed.allocator == "ada"
+    scorer_cls = SCORERS[parsed.scorer]
+    offered = {
+        "seed": seed,
+        "group_reduce": group_reduce,
+        "pool_order": pool_order or ("reduce-then-pool" if ada else "pool-then-reduce"),
+    }
+    fields = {f.name for f in dataclasses.fields(scorer_cls)}
+    scorer = scorer_cls(**{k: v for k, v in offered.items() if k in fields})
+    allocator = ALLOCATORS[parsed.allocator](alpha=alpha, safeguard=safeguard) if ada else ALLOCATORS["uniform"]()
+    return Policy(
+        name=name,
+        scorer=scorer,
+        budget=budget,
+        allocator=allocator,
+        schedule=SCHEDULES[parsed.schedule](),
+        window=window,
+        sinks=STREAMING_SINKS if parsed.scorer == "streamingllm" else 0,
+    )

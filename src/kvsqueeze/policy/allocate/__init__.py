@@ -1,8 +1,9 @@
-"""Allocators: how a budget is split over heads (within a layer) and over layers."""
+"""Allocators: how a layer's budget is split over its heads."""
 
 from kvsqueeze.policy.allocate.adakv import AdaKVAllocator
-from kvsqueeze.policy.allocate.base import Allocator, LayerSchedule
-from kvsqueeze.policy.allocate.pyramidkv import FlatSchedule, PyramidSchedule
+from kvsqueeze.policy.allocate.base import Allocator
 from kvsqueeze.policy.allocate.uniform import UniformAllocator
 
-__all__ = ["AdaKVAllocator", "Allocator", "LayerSchedule", "FlatSchedule", "PyramidSchedule", "UniformAllocator"]
+ALLOCATORS: dict[str, type] = {"uniform": UniformAllocator, "ada": AdaKVAllocator}
+
+__all__ = ["ALLOCATORS", "AdaKVAllocator", "Allocator", "UniformAllocator"]

@@ -9,26 +9,65 @@ import torch
 
 from kvsqueeze.policy.select import ranks_within
 
+SAFEGUARDS = ("paper", "kvpress")
+
 
 @dataclass(frozen=True)
 class AdaKVAllocator:
-    """Within a layer, take the global top-(heads x B) scores over all heads of a
-    sequence; head i keeps as many tokens as it holds in that top set. The safeguard
-    first grants every head its own top floor(alpha x B) tokens, so no head starves.
-    The layer's total equals the uniform total.
+    """Within a layer, heads whose attention is spread out get more of the layer's
+    heads x B slots than heads whose attention is concentrated; the layer total
+    equals the uniform total. `safeguard` says how starvation is prevented:
+
+    - "paper" (default), the rule of the Ada-KV paper and its code: with W protected
+      tokens per head and B' = B - W, head i keeps W + floor(alpha B') + its share
+      of the remaining heads x (B' - floor(alpha B')) slots, in proportion to how
+      many of its tokens are in the global top-(heads x B') of the unprotected
+      scores (not boosted by the floor). Every head keeps >= W + int(alpha (B - W)).
+    - "kvpress": kvpress's AdaKVPress: each head's own top floor(alpha B) tokens are
+      boosted to +inf, then the global top-(heads x B) is taken. Protected tokens
+      already rank first, so this floor adds nothing until alpha B exceeds W.
     """
 
     alpha: float = 0.2
+    safeguard: str = "paper"
     name: str = "ada"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"Ada-KV safeguard alpha must be in [0, 1], got {self.alpha}")
+        if self.safeguard not in SAFEGUARDS:
+            raise ValueError(f"unknown Ada-KV safeguard {self.safeguard!r}: use one of {', '.join(SAFEGUARDS)}")
 
     def __call__(self, scores: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
+        if self.safeguard == "kvpress":
+            return self._kvpress(scores, budget)
+        return self._paper(scores, budget)
+
+    def _kvpress(self, scores: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
         b, h, t = scores.shape
         guaranteed = torch.floor(budget.double() * self.alpha).long().view(b, 1, 1)
         boosted = scores.float().masked_fill(ranks_within(scores) < guaranteed, float("inf"))
         flat_rank = ranks_within(boosted.view(b, h * t)).view(b, h, t)
-        chosen = flat_rank < (budget * h).view(b, 1, 1)
-        return chosen.sum(dim=-1)
+        return (flat_rank < (budget * h).view(b, 1, 1)).sum(dim=-1)
+
+    def _paper(self, scores: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
+        b, h, t = scores.shape
+        protected = scores.isposinf()
+        n_protected = protected.sum(dim=-1)  # [b, h], equal over heads
+        rest = budget.view(b, 1) - n_protected  # B' per head
+        floor = torch.floor(rest.double() * self.alpha).long()
+        # Unboosted global top-(heads x B') over the unprotected tokens, counted per head.
+        free = scores.float().masked_fill(protected, float("-inf"))
+        flat_rank = ranks_within(free.view(b, h * t)).view(b, h, t)
+        in_top = (flat_rank < rest.sum(dim=-1).view(b, 1, 1)).sum(dim=-1)
+        # Ada-KV's code gives head i round(in_top_i x (1 - alpha) + floor), which falls short
+        # of the layer total when alpha B' is not whole. Sharing the adaptive slots in
+        # proportion to in_top is the same rule with an exact total; largest-remainder
+        # rounding (only to heads with tokens left) keeps it exact in integers.
+        adaptive = (rest - floor).sum(dim=-1, keepdim=True)
+        share = in_top.double() * adaptive / rest.sum(dim=-1, keepdim=True).clamp_min(1)
+        whole = torch.floor(share).long()
+        candidates = (free > float("-inf")).sum(dim=-1)
+        remainder = (share - whole).masked_fill(floor + whole >= candidates, -1.0)
+        bonus = ranks_within(remainder) < (adaptive - whole.sum(dim=-1, keepdim=True))
+        return n_protected + floor + whole + bonus.long()

@@ -1,4 +1,4 @@
-"""The two allocation interfaces: across heads of a layer, and across layers."""
+"""The allocation interface: how a layer's budget is split over its heads."""
 
 from __future__ import annotations
 
@@ -8,19 +8,13 @@ import torch
 
 
 class Allocator(Protocol):
-    """Splits a layer budget over its heads: (scores[b, h, t], budget[b]) -> counts[b, h]."""
+    """Splits a layer budget over its heads: (scores[b, h, t], budget[b]) -> counts[b, h].
+
+    Scores follow Policy.keep_mask's contract: the protected tokens (window, sinks)
+    score +inf, the same number in every head of a sequence, and padding or tokens a
+    sliding window hides score -inf. Every head's count covers its protected tokens.
+    """
 
     name: str
 
     def __call__(self, scores: torch.Tensor, budget: torch.Tensor) -> torch.Tensor: ...
-
-
-class LayerSchedule(Protocol):
-    """Splits the mean per-head budget over layers: budget[b] -> this layer's budget[b].
-    `limit[b]`, when given, is the most any layer can keep (the prompt length)."""
-
-    name: str
-
-    def __call__(
-        self, budget: torch.Tensor, layer_idx: int, num_layers: int, window: int, limit: torch.Tensor | None = None
-    ) -> torch.Tensor: ...

@@ -11,18 +11,6 @@ from kvsqueeze.policy.select import ranks_within
 
 
 @dataclass(frozen=True)
-class FlatSchedule:
-    """Every layer gets the same budget."""
-
-    name: str = "flat"
-
-    def __call__(
-        self, budget: torch.Tensor, layer_idx: int, num_layers: int, window: int, limit: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        return budget
-
-
-@dataclass(frozen=True)
 class PyramidSchedule:
     """Layer budgets fall linearly with depth: the top of the pyramid (the last layer)
     keeps extra/beta tokens beyond the window, the bottom 2·extra - extra/beta, where

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import torch
 
@@ -34,17 +34,40 @@ class ScoreInput:
     def group_size(self) -> int:
         return self.queries.shape[1] // self.keys.shape[1]
 
+    def require_left_padding(self) -> None:
+        """Raise ValueError unless every sequence's real tokens are its last slots:
+        the window, the sinks and the scorers' last queries are found by slot."""
+        if bool((self.valid[:, 1:] < self.valid[:, :-1]).any()):
+            raise ValueError(
+                "kvsqueeze policies need left padding (real tokens last in each row); "
+                "this batch is right-padded or has holes: pad on the left (tokenizer.padding_side = 'left')"
+            )
+
+    def visible(self) -> torch.Tensor:
+        """[batch, tokens] bool: real tokens the last prompt query still sees. A key
+        the sliding window hides from it is hidden from every later query too."""
+        if self.sliding_window is None:
+            return self.valid
+        t = self.valid.shape[-1]
+        recent = torch.arange(t, device=self.valid.device) > t - 1 - self.sliding_window
+        return self.valid & recent
+
 
 class Scorer(Protocol):
-    """A scorer maps a prefill to scores[batch, kv_heads, tokens]; higher means keep."""
+    """A scorer maps a prefill to scores[batch, kv_heads, tokens]; higher means keep.
+    `observes_queries`: it scores keys by what prompt queries attend to, so a policy
+    must protect (and observe) at least the last prompt token: window >= 1."""
 
     name: str
+    observes_queries: ClassVar[bool]
 
     def __call__(self, x: ScoreInput) -> torch.Tensor: ...
 
 
 def attention_probs(x: ScoreInput, q_start: int, q_end: int) -> torch.Tensor:
-    """Causal softmax attention of queries [q_start, q_end) to all keys, in fp32.
+    """Causal softmax attention of queries [q_start, q_end) to all keys, in fp32,
+    limited to the sliding window (query q sees key k when q - k < sliding_window)
+    when the layer has one.
 
     Returns probs[batch, kv_heads, group, queries, tokens]. GQA is handled by folding
     the group into the query axis, so keys are never repeated. Padding queries get
@@ -57,10 +80,17 @@ def attention_probs(x: ScoreInput, q_start: int, q_end: int) -> torch.Tensor:
     device = x.keys.device
     q_pos = torch.arange(q_start, q_end, device=device)
     k_pos = torch.arange(t, device=device)
-    allowed = (k_pos[None, :] <= q_pos[:, None])[None] & x.valid[:, None, :]  # [b, nq, t]
+    behind = q_pos[:, None] - k_pos[None, :]
+    allowed = behind >= 0
+    if x.sliding_window is not None:
+        allowed = allowed & (behind < x.sliding_window)  # as transformers' sliding_window_overlay
+    allowed = allowed[None] & x.valid[:, None, :]  # [b, nq, t]
     logits.masked_fill_(~allowed[:, None, None], float("-inf"))
     probs = torch.softmax(logits, dim=-1).nan_to_num_(0.0)  # fully masked rows (pad queries) -> 0
     return probs
+
+
+GROUP_REDUCTIONS = ("mean", "max")
 
 
 def reduce_group(scores: torch.Tensor, how: str) -> torch.Tensor:

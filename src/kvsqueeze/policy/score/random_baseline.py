@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -15,6 +16,7 @@ class RandomScorer:
 
     seed: int = 0
     name: str = "random"
+    observes_queries: ClassVar[bool] = False
 
     def __call__(self, x: ScoreInput) -> torch.Tensor:
         b, hkv, t, _ = x.keys.shape

@@ -4,6 +4,7 @@ Sinks", arXiv 2309.17453."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -16,6 +17,7 @@ class StreamingLLMScorer:
     protected by the policy's `sinks`, so sinks + most recent tokens are kept."""
 
     name: str = "streamingllm"
+    observes_queries: ClassVar[bool] = False
 
     def __call__(self, x: ScoreInput) -> torch.Tensor:
         b, hkv, t, _ = x.keys.shape
