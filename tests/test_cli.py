@@ -213,7 +213,7 @@ def test_question_aware_and_agnostic(runner, tiny, chat):
 
     # The question is part of the prompt either way.
     assert aware["prompt_tokens"] == agnostic["prompt_tokens"] >= context + question
-    assert aware.get("question_aware", True) is True
+    assert aware["question_aware"] is True
     assert agnostic.get("question_aware", False) is False
     # Question-aware compresses context + question; question-agnostic compresses the
     # context alone, before the question is seen (the question is appended afterwards).
