@@ -1,0 +1,96 @@
+"""BlockManager: every running sequence's KV, per layer, in one shared block pool.
+
+The KV-Compress layout (arXiv 2410.00161): one BlockPool holds fixed-size blocks for
+all layers; each (layer, sequence) has its own PagedKV, i.e. a block table per
+(layer, sequence, kv-head). A sequence joins with its first prefill chunk, grows a
+block at a time per head, shrinks when its policy evicts (freed blocks go straight
+back to the pool) and leaves when it finishes or is preempted. The scheduler asks
+here how many blocks a step needs, so it admits sequences by their real,
+compressed footprint.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvsqueeze.store import BlockPool, PagedKV
+
+
+class BlockManager:
+    def __init__(
+        self,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        kv_memory: int,
+        block_size: int = 16,
+    ) -> None:
+        per_block = block_size * (2 * head_dim * torch.empty((), dtype=dtype).element_size() + 4)
+        num_blocks = kv_memory // per_block
+        if num_blocks < num_layers * num_kv_heads:
+            raise ValueError(
+                f"kv_memory of {kv_memory} bytes holds {num_blocks} blocks of {block_size} tokens: fewer than one "
+                f"per (layer, kv-head) ({num_layers * num_kv_heads}); give the cache more memory"
+            )
+        self.pool = BlockPool(num_blocks, head_dim, dtype, device, block_size)
+        self.num_layers, self.num_kv_heads, self.block_size = num_layers, num_kv_heads, block_size
+        self.kv: dict[int, list[PagedKV | None]] = {}  # seq_id -> per layer (None until it joins that layer)
+
+    # ------------------------------------------------------------------ accounting
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free
+
+    def blocks_for(self, seq_id: int, n_tokens: int) -> int:
+        """Blocks the sequence must take to add n_tokens to every head of every layer."""
+        layers = self.kv.get(seq_id)
+        fresh = -(-n_tokens // self.block_size) * self.num_kv_heads
+        if layers is None:
+            return fresh * self.num_layers
+        total = 0
+        for kv in layers:
+            if kv is None:
+                total += fresh
+            else:
+                lengths = kv.lengths.cpu()
+                total += int((-(-(lengths + n_tokens) // self.block_size) - kv.num_blocks).clamp_min(0).sum())
+        return total
+
+    def stored_tokens(self, seq_id: int) -> int:
+        return sum(kv.num_tokens for kv in self.kv.get(seq_id, []) if kv is not None)
+
+    def blocks_in_use(self) -> int:
+        return self.pool.num_blocks - self.pool.num_free
+
+    # ------------------------------------------------------------------ membership
+    def layer(self, seq_id: int, layer_idx: int) -> PagedKV | None:
+        layers = self.kv.get(seq_id)
+        return None if layers is None else layers[layer_idx]
+
+    def join(
+        self, seq_id: int, layer_idx: int, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor
+    ) -> PagedKV:
+        """The sequence's first chunk in this layer: keys/values [kv_heads, t, d] at positions [t]."""
+        layers = self.kv.setdefault(seq_id, [None] * self.num_layers)
+        if layers[layer_idx] is not None:
+            raise RuntimeError(f"sequence {seq_id} already holds KV in layer {layer_idx}")
+        layers[layer_idx] = PagedKV.from_dense(
+            self.pool, keys, values, torch.ones_like(keys[..., 0], dtype=torch.bool), positions
+        )
+        return layers[layer_idx]
+
+    def free(self, seq_id: int) -> None:
+        """Return every block of the sequence to the pool (finished, aborted or preempted)."""
+        for kv in self.kv.pop(seq_id, []):
+            if kv is not None and kv.num_heads:
+                kv.leave(slice(0, kv.num_heads))
+
+    def is_whole(self) -> bool:
+        """No sequence holds blocks and every block is free: nothing leaked."""
+        return not self.kv and self.pool.num_free == self.pool.num_blocks

@@ -1,0 +1,134 @@
+"""PagedCompressedCache: the engine's attention backend. It stores each step's keys
+and values in the BlockManager's per-head blocks, attends over them, and compresses a
+sequence's prompt with its policy when the prompt's last chunk has run.
+
+Per layer and step: every prefill chunk (or a recomputed sequence's continuation)
+is appended to its sequence's blocks and attends over them with a causal mask by
+position; then all one-token decode rows of the step are appended and attend in
+one batched call over a single gather of their blocks. When a chunk completes a
+prompt, the layer's policy scores the whole prompt (its queries, kept since the
+first chunk, and its keys), exactly as the HF path does after a dense prefill, and
+evicts; the freed blocks go back to the pool at once.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kvsqueeze.engine.block_manager import BlockManager
+from kvsqueeze.engine.scheduler import ScheduledChunk
+from kvsqueeze.ops import dense_causal_attention, policy_scores
+from kvsqueeze.ops.paged_attention import paged_attention
+from kvsqueeze.policy import ScoreInput
+from kvsqueeze.store import PagedKV
+
+
+class PagedCompressedCache:
+    def __init__(self, blocks: BlockManager, num_heads: int, scaling: float, sliding_window: int | None) -> None:
+        self.blocks = blocks
+        self.num_heads, self.scaling, self.sliding_window = num_heads, scaling, sliding_window
+        self.num_layers = blocks.num_layers
+        self.chunks: list[ScheduledChunk] = []
+        self._prompt_queries: dict[tuple[int, int], list[torch.Tensor]] = {}  # (seq, layer) -> [n, hq, d] chunks
+
+    def begin_step(self, chunks: list[ScheduledChunk]) -> None:
+        """The chunks the next forward runs, in the order of its flat token batch."""
+        self.chunks = chunks
+
+    def drop(self, seq_id: int) -> None:
+        """Forget a sequence's pending prompt queries (it finished or was preempted)."""
+        for layer in range(self.num_layers):
+            self._prompt_queries.pop((seq_id, layer), None)
+
+    def attend(
+        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: object = None
+    ) -> torch.Tensor:
+        """q [T, q_heads, d], k/v [T, kv_heads, d] for the step's flat tokens; returns [T, q_heads, d]."""
+        out = torch.empty_like(q)
+        decode: list[tuple[int, PagedKV, int]] = []  # (token offset, store, position)
+        offset = 0
+        for chunk in self.chunks:
+            n, seq_id = chunk.num_tokens, chunk.seq.seq_id
+            span = slice(offset, offset + n)
+            store = self.blocks.layer(seq_id, layer_idx)
+            if n == 1 and store is not None and not chunk.ends_prompt:
+                store.append(k[span].transpose(0, 1), v[span].transpose(0, 1), torch.tensor([chunk.start]))
+                decode.append((offset, store, chunk.start))
+            else:
+                out[span] = self._chunk(layer_idx, chunk, q[span], k[span], v[span], store)
+            offset += n
+        if decode:
+            rows = torch.tensor([o for o, _, _ in decode])
+            out[rows] = self._decode(q[rows], [s for _, s, _ in decode], [p for _, _, p in decode])
+        return out
+
+    def _chunk(
+        self,
+        layer_idx: int,
+        chunk: ScheduledChunk,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        store: PagedKV | None,
+    ) -> torch.Tensor:
+        """Store a chunk of one sequence and attend its queries over everything stored."""
+        n, hq, d = q.shape
+        hkv = k.shape[1]
+        positions = torch.arange(chunk.start, chunk.end)
+        keys, values = k.transpose(0, 1), v.transpose(0, 1)  # [hkv, n, d]
+        queries = q.transpose(0, 1)  # [hq, n, d]
+        if store is None:  # the first chunk: plain causal attention over itself
+            store = self.blocks.join(chunk.seq.seq_id, layer_idx, keys, values, positions)
+            out = dense_causal_attention(
+                queries[None], keys[None], values[None], None, self.scaling, self.sliding_window
+            )[0]
+        else:
+            store.append(keys, values, positions)
+            grouped = queries.reshape(hkv, hq // hkv, n, d)
+            out = paged_attention(grouped, store, positions.expand(hkv, n), self.scaling, self.sliding_window)
+            out = out.reshape(hq, n, d)
+        in_prompt = chunk.start < chunk.seq.num_prompt_tokens
+        if in_prompt and chunk.seq.policy.compresses:
+            key = (chunk.seq.seq_id, layer_idx)
+            self._prompt_queries.setdefault(key, []).append(q)
+            if chunk.ends_prompt:
+                self._compress(layer_idx, chunk, store, torch.cat(self._prompt_queries.pop(key)))
+        return out.transpose(0, 1)
+
+    def _compress(self, layer_idx: int, chunk: ScheduledChunk, store: PagedKV, queries: torch.Tensor) -> None:
+        """Score the whole prompt (all heads hold it uncompressed) and evict."""
+        policy = chunk.seq.policy
+        keys, values, _, _ = store.padded()  # [hkv, t, d]
+        t = keys.shape[1]
+        x = ScoreInput(
+            queries.transpose(0, 1)[None],
+            keys[None],
+            values[None],
+            torch.ones(1, t, dtype=torch.bool, device=keys.device),
+            self.scaling,
+            policy.window,
+            self.sliding_window,
+        )
+        keep = policy.keep_mask(x, layer_idx, self.num_layers, policy_scores(policy.scorer, x))
+        store.evict(keep[0])
+
+    def _decode(self, q: torch.Tensor, stores: list[PagedKV], positions: list[int]) -> torch.Tensor:
+        """One new token per sequence, every sequence's heads in one SDPA over one gather."""
+        r, hq, d = q.shape
+        hkv = stores[0].num_heads
+        parts = [s.live_slots() for s in stores]
+        longest = max(p[0].shape[1] for p in parts)
+        slots = torch.cat([F.pad(s, (0, longest - s.shape[1])) for s, _ in parts])  # [r * hkv, L]
+        live = torch.cat([F.pad(lv, (0, longest - lv.shape[1])) for _, lv in parts])
+        pool = stores[0].pool
+        keys, values = pool.keys.view(-1, d)[slots], pool.values.view(-1, d)[slots]
+        if self.sliding_window is not None:
+            pos = pool.positions.view(-1)[slots]
+            q_pos = torch.tensor(positions).repeat_interleave(hkv)[:, None]
+            live = live & (q_pos - pos < self.sliding_window)
+        grouped = q.view(r * hkv, 1, hq // hkv, d)
+        out = F.scaled_dot_product_attention(
+            grouped, keys[:, None], values[:, None], attn_mask=live[:, None, None, :], scale=self.scaling
+        )
+        return out.view(r, hq, d)

@@ -1,0 +1,126 @@
+"""Scheduler: continuous batching with chunked prefill, admission by the real
+(compressed) KV footprint, and preemption by recompute when the pool runs out.
+
+Every step runs the running sequences first (one token each in decode, the next
+chunk of a prompt otherwise), oldest first, then admits waiting sequences while the
+step's token budget and the pool allow. A prompt's last chunk ends exactly at the
+prompt, so its policy compresses the whole prompt at once, as the HF path does.
+When a running sequence cannot grow, the newest running sequence gives its blocks
+back and waits to be recomputed; nothing ever runs out of memory.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from kvsqueeze.engine.block_manager import BlockManager
+from kvsqueeze.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledChunk:
+    """`num_tokens` tokens of `seq`, starting at seq.num_computed, run this step."""
+
+    seq: Sequence
+    num_tokens: int
+
+    @property
+    def start(self) -> int:
+        return self.seq.num_computed
+
+    @property
+    def end(self) -> int:
+        return self.seq.num_computed + self.num_tokens
+
+    @property
+    def ends_prompt(self) -> bool:
+        """The chunk completes the prompt: the policy compresses after it."""
+        return self.start < self.seq.num_prompt_tokens <= self.end
+
+    @property
+    def samples(self) -> bool:
+        """The chunk reaches the sequence's last token: a new token is sampled after it."""
+        return self.end == self.seq.num_tokens
+
+
+class Scheduler:
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int = 2048,
+    ) -> None:
+        if max_num_seqs < 1 or max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        self.blocks = block_manager
+        self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """End a sequence (done or aborted) and return its blocks at once."""
+        seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
+        self.blocks.free(seq.seq_id)
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+
+    def _next_chunk(self, seq: Sequence, budget: int) -> int:
+        """Tokens of `seq` to run next, within `budget`; a prompt's end is a chunk boundary."""
+        remaining = seq.num_tokens - seq.num_computed
+        if seq.num_computed < seq.num_prompt_tokens:
+            remaining = seq.num_prompt_tokens - seq.num_computed
+        return min(remaining, budget)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.blocks.free(seq.seq_id)
+        self.running.remove(seq)
+        seq.reset_for_recompute()
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def schedule(self) -> list[ScheduledChunk]:
+        budget, reserved = self.max_num_batched_tokens, 0
+        chunks: list[ScheduledChunk] = []
+        scheduled: set[int] = set()
+        for seq in list(self.running):
+            if seq.status is not SequenceStatus.RUNNING:  # preempted earlier in this loop
+                continue
+            n = self._next_chunk(seq, budget)
+            if n == 0:
+                continue
+            need = self.blocks.blocks_for(seq.seq_id, n)
+            while need > self.blocks.num_free_blocks - reserved:
+                victims = [s for s in self.running if s.seq_id not in scheduled and s is not seq]
+                if not victims:
+                    break
+                self._preempt(victims[-1])
+            if need > self.blocks.num_free_blocks - reserved:
+                self._preempt(seq)
+                continue
+            chunks.append(ScheduledChunk(seq, n))
+            scheduled.add(seq.seq_id)
+            budget -= n
+            reserved += need
+        while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
+            seq = self.waiting[0]
+            n = self._next_chunk(seq, budget)
+            need = self.blocks.blocks_for(seq.seq_id, n)
+            if need > self.blocks.num_free_blocks - reserved:
+                break
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            chunks.append(ScheduledChunk(seq, n))
+            budget -= n
+            reserved += need
+        return chunks

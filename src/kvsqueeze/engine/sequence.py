@@ -1,0 +1,80 @@
+"""Sequence: one request's tokens and where it stands in the engine."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from kvsqueeze.engine.sampling_params import SamplingParams
+from kvsqueeze.policy import Policy
+
+_ids = itertools.count()
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """A request: its prompt, what it generated, and its compression policy.
+
+    `num_computed` counts the tokens whose K/V the cache holds (logically: after
+    compression fewer are stored); the prompt is prefilled in chunks until
+    num_computed reaches its length, then each step decodes one token.
+    """
+
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    policy: Policy
+    seq_id: int = field(default_factory=lambda: next(_ids))
+    output_token_ids: list[int] = field(default_factory=list)
+    status: SequenceStatus = SequenceStatus.WAITING
+    num_computed: int = 0
+    finish_reason: str | None = None  # "stop", "length" or "abort"
+    text: str = ""  # detokenized output, stop strings cut off
+    sent_chars: int = 0  # characters of `text` already streamed
+    arrival_time: float = field(default_factory=time.perf_counter)
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    num_preemptions: int = 0
+    generator: torch.Generator | None = None
+
+    def __post_init__(self) -> None:
+        if not self.prompt_token_ids:
+            raise ValueError("empty prompt: a request needs at least one token")
+        if self.params.seed is not None:
+            self.generator = torch.Generator().manual_seed(self.params.seed)
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def in_prefill(self) -> bool:
+        """True until every token but the last generated one is in the cache."""
+        return self.num_computed < self.num_tokens - 1 or not self.output_token_ids
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def reset_for_recompute(self) -> None:
+        """Preempted: its cache is dropped; it will prefill prompt + output so far again."""
+        self.status = SequenceStatus.WAITING
+        self.num_computed = 0
+        self.num_preemptions += 1
