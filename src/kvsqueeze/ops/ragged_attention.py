@@ -1,12 +1,13 @@
-"""Attention over ragged per-head KV (FlatKV): the torch reference.
+"""Attention over ragged per-head KV: the torch reference, and the FlatKV dispatcher.
 
-It runs anywhere and is the oracle for the GPU kernels. Every (sequence, kv-head) is
-one run of keys; its GQA group of query heads attends to that run as one sequence
-of group x queries rows, so K/V are never repeated and nothing is padded. The runs
-are views into the store: no copy of the cache is made.
+The reference runs anywhere, over any KVStore, and is the oracle for the GPU kernels.
+Every (sequence, kv-head) is one run of keys; its GQA group of query heads attends to
+that run as one sequence of group x queries rows, so K/V are never repeated and
+nothing is padded. For FlatKV the runs are views into the store: no copy of the cache
+is made.
 
-On CUDA, a decode step (one query per head) goes to the Triton kernel in
-triton_decode.py when triton is installed; everything else takes this reference.
+On CUDA, a decode step (one query per head) over a FlatKV goes to the Triton kernel in
+triton_decode.py when triton is installed; everything else takes the reference.
 """
 
 from __future__ import annotations
@@ -15,64 +16,73 @@ import torch
 import torch.nn.functional as F
 
 from kvsqueeze.ops._triton import use_triton
-from kvsqueeze.store import FlatKV
+from kvsqueeze.store import FlatKV, KVStore
 
 
 def ragged_attention(
     query: torch.Tensor,
-    kv: FlatKV,
+    kv: KVStore,
     query_positions: torch.Tensor,
     scaling: float,
     sliding_window: int | None = None,
 ) -> torch.Tensor:
     """Causal attention of query[heads, group, q, head_dim] over kv's live entries.
 
-    query_positions[heads, q] are the queries' positions in the same numbering as
-    kv.positions; a query sees the entries at positions <= its own (and, with a
+    query_positions[heads, q] are the queries' positions in the same numbering as the
+    store's positions; a query sees the entries at positions <= its own (and, with a
     sliding window, fewer than `sliding_window` behind it). A query that sees no
     entry gets zeros. Returns [heads, group, q, head_dim].
     """
-    if query.shape[2] == 1 and use_triton(query, kv.keys) and query.dtype == kv.keys.dtype:
+    if isinstance(kv, FlatKV) and query.shape[2] == 1 and use_triton(query, kv.keys) and query.dtype == kv.dtype:
         from kvsqueeze.ops.triton_decode import ragged_decode_attention
 
         return ragged_decode_attention(query, kv, scaling, query_positions, sliding_window)
     return ragged_attention_reference(query, kv, query_positions, scaling, sliding_window)
 
 
+def needs_mask(kv: KVStore, query_positions: torch.Tensor, sliding_window: int | None) -> bool:
+    """False for the usual decode step (one query per head, newer than every entry, no
+    window): then attention needs no mask at all."""
+    return sliding_window is not None or query_positions.shape[-1] > 1 or kv.max_position() > int(query_positions.min())
+
+
 def ragged_attention_reference(
     query: torch.Tensor,
-    kv: FlatKV,
+    kv: KVStore,
     query_positions: torch.Tensor,
     scaling: float,
     sliding_window: int | None = None,
 ) -> torch.Tensor:
-    """ragged_attention in plain torch on any device: the oracle for the kernels."""
+    """ragged_attention in plain torch on any device: one SDPA per head, over the
+    store's runs. The oracle for the kernels."""
     h, g, q, d = query.shape
     out = query.new_zeros(query.shape)
-    # The usual decode step (one query, newer than every entry) needs no mask at all.
-    masked = sliding_window is not None or q > 1 or bool(kv.positions.max() > query_positions.min())
-    for head, (start, length) in enumerate(zip(kv.starts.tolist(), kv.lengths.tolist(), strict=True)):
-        if length == 0:
+    masked = needs_mask(kv, query_positions, sliding_window)
+    for head, (keys, values, positions) in enumerate(kv.runs()):
+        if len(positions) == 0:
             continue
-        span = slice(start, start + length)
         rows = query[head].reshape(1, g * q, d)
         mask = None
         if masked:
-            pos, q_pos = kv.positions[span].long(), query_positions[head].long()
-            allowed = pos[None, :] <= q_pos[:, None]
-            if sliding_window is not None:
-                allowed &= q_pos[:, None] - pos[None, :] < sliding_window
-            mask = allowed.repeat(g, 1)[None]
+            mask = visible(positions, query_positions[head], sliding_window).repeat(g, 1)[None]
             if not bool(mask.any(dim=-1).all()):
                 # Rows that see nothing would give NaN; attend them to everything, then zero them.
                 blind = ~mask.any(dim=-1, keepdim=True)
                 res = F.scaled_dot_product_attention(
-                    rows, kv.keys[span][None], kv.values[span][None], attn_mask=mask | blind, scale=scaling
+                    rows, keys[None], values[None], attn_mask=mask | blind, scale=scaling
                 )
                 out[head] = res.masked_fill(blind, 0.0).view(g, q, d)
                 continue
-        res = F.scaled_dot_product_attention(
-            rows, kv.keys[span][None], kv.values[span][None], attn_mask=mask, scale=scaling
-        )
+        res = F.scaled_dot_product_attention(rows, keys[None], values[None], attn_mask=mask, scale=scaling)
         out[head] = res.view(g, q, d)
     return out
+
+
+def visible(positions: torch.Tensor, query_positions: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
+    """[..., q, n]: which entries at positions [..., n] a query at query_positions
+    [..., q] sees: those not after it, and inside the sliding window if there is one."""
+    pos, q_pos = positions.long()[..., None, :], query_positions.long()[..., :, None]
+    allowed = pos <= q_pos
+    if sliding_window is not None:
+        allowed &= q_pos - pos < sliding_window
+    return allowed

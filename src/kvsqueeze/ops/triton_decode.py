@@ -17,6 +17,10 @@ merges each head's chunk partials (max, sum, weighted values).
 
 Masking by position (a query sees entries at positions <= its own, and fewer than
 `sliding_window` behind it) is optional and costs one int32 load per entry.
+
+The same kernel reads a paged store (PagedKV, see triton_paged_decode.py): with PAGE
+> 0 a head's entry i sits in slot block_table[head, i // PAGE] * PAGE + i % PAGE of
+the pool instead of starts[head] + i; everything else is shared.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ def _decode_chunk_kernel(
     v_ptr,
     pos_ptr,
     starts_ptr,
+    table_ptr,
     lengths_ptr,
     cu_chunks_ptr,
     q_pos_ptr,
@@ -56,11 +61,13 @@ def _decode_chunk_kernel(
     stride_k,
     stride_v,
     stride_qpos,
+    stride_table,
     GROUP: tl.constexpr,
     G_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     D_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    PAGE: tl.constexpr,
     MASK_BY_POSITION: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -81,7 +88,8 @@ def _decode_chunk_kernel(
     head = lo
 
     chunk = pid - tl.load(cu_chunks_ptr + head)
-    start = tl.load(starts_ptr + head).to(tl.int64)
+    if PAGE == 0:
+        start = tl.load(starts_ptr + head).to(tl.int64)
     length = tl.load(lengths_ptr + head).to(tl.int32)
     lo_tok = chunk * chunk_size
     hi_tok = tl.minimum(lo_tok + chunk_size, length)
@@ -102,7 +110,11 @@ def _decode_chunk_kernel(
     for n0 in range(lo_tok, hi_tok, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         in_run = offs_n < hi_tok
-        slots = start + offs_n
+        if PAGE == 0:
+            slots = start + offs_n
+        else:
+            block = tl.load(table_ptr + head.to(tl.int64) * stride_table + offs_n // PAGE, mask=in_run, other=0)
+            slots = block.to(tl.int64) * PAGE + offs_n % PAGE
         k = tl.load(
             k_ptr + slots[:, None] * stride_k + offs_d[None, :], mask=in_run[:, None] & d_ok[None, :], other=0.0
         )
@@ -200,20 +212,24 @@ def ragged_decode(
     query: torch.Tensor,
     keys: torch.Tensor,
     values: torch.Tensor,
-    starts: torch.Tensor,
+    starts: torch.Tensor | None,
     lengths: torch.Tensor,
     scaling: float,
     positions: torch.Tensor | None = None,
     query_positions: torch.Tensor | None = None,
     sliding_window: int | None = None,
     *,
+    block_table: torch.Tensor | None = None,
+    page_size: int = 0,
     block_n: int | None = None,
     chunk_size: int | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
 ) -> torch.Tensor:
     """Attention of one query per query head, query[heads, group, 1, d], over the runs
-    keys/values[starts[h] : starts[h] + lengths[h]] of a [slots, d] buffer.
+    keys/values[starts[h] : starts[h] + lengths[h]] of a [slots, d] buffer; or, with
+    block_table [heads, blocks] and page_size (starts then unused), over entry i of
+    head h at slot block_table[h, i // page_size] * page_size + i % page_size.
 
     With query_positions[heads] (or [heads, 1]) and the entries' positions[slots], a
     query sees only entries at positions <= its own, and with `sliding_window` only
@@ -242,6 +258,8 @@ def ragged_decode(
     g_pad = max(16, next_pow2(g))  # tl.dot needs at least 16 rows
     block_n = block_n or default_block_n(d_pad)
     slots = keys.shape[0]
+    if block_table is not None:  # a head's entries fit in its blocks: a tighter bound than the pool
+        slots = min(slots, h * block_table.shape[1] * page_size)
     chunk_size = chunk_size or default_chunk_size(slots, block_n, query.device)
     if chunk_size % block_n:
         raise ValueError(f"chunk_size {chunk_size} must be a multiple of block_n {block_n}")
@@ -266,7 +284,8 @@ def ragged_decode(
         keys,
         values,
         pos_arg,
-        starts,
+        starts if starts is not None else lengths,  # never read when paged
+        block_table if block_table is not None else lengths,  # never read when flat
         lengths,
         cu_chunks,
         q_pos_arg,
@@ -283,11 +302,13 @@ def ragged_decode(
         keys.stride(0),
         values.stride(0),
         stride_qpos,
+        block_table.stride(0) if block_table is not None else 0,
         GROUP=g,
         G_PAD=g_pad,
         HEAD_DIM=d,
         D_PAD=d_pad,
         BLOCK_N=block_n,
+        PAGE=page_size if block_table is not None else 0,
         MASK_BY_POSITION=mask_by_position,
         HAS_WINDOW=sliding_window is not None,
         PRECISION=dot_precision(query.dtype),

@@ -13,6 +13,7 @@ The store owns its layout arithmetic; callers never compute slots themselves.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 
 import torch
 
@@ -66,6 +67,11 @@ class KVStore(ABC):
         each head's live run; entries with valid[heads, q] False are skipped."""
 
     @abstractmethod
+    def reserve(self, n: int) -> None:
+        """Make room for n more entries in every head now (e.g. n = max_new_tokens after
+        the prefill), so that the next n one-token appends need no reallocation."""
+
+    @abstractmethod
     def evict(self, keep: torch.Tensor) -> None:
         """Keep only entries keep[head, i] (i indexes each head's live run in order,
         [heads, >= max length]; columns past a head's length are ignored) and release
@@ -75,3 +81,14 @@ class KVStore(ABC):
     def head(self, h: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(keys [n, d], values [n, d], positions [n]) of head h's live entries, in
         order: views where the layout allows, gathered copies otherwise."""
+
+    def runs(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """head(h) for every head in order. Stores override it to read their
+        bookkeeping once instead of once per head."""
+        for h in range(self.num_heads):
+            yield self.head(h)
+
+    def max_position(self) -> int:
+        """The largest position of any live entry, -1 when there is none (attention
+        skips masking when every query is newer than this)."""
+        return max((int(p.max()) for _, _, p in self.runs() if len(p)), default=-1)

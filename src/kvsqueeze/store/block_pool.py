@@ -1,0 +1,89 @@
+"""BlockPool: fixed-size blocks of keys, values and positions, shared by every layer.
+
+The KV-Compress layout (arXiv 2410.00161): a block holds `block_size` consecutive
+entries of one (layer, sequence, kv-head), so eviction frees memory a block at a time
+however unevenly heads are compressed. The pool is a free list of block ids: taking
+or returning n blocks costs O(n). It also records which blocks are out, so a block
+returned twice, or never taken, is an error at once rather than a silent double
+owner later.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+
+class PoolExhausted(RuntimeError):
+    """More blocks were asked for than the pool has free."""
+
+
+class BlockPool:
+    """`num_blocks` blocks of [block_size, head_dim] keys and values, and their positions."""
+
+    def __init__(
+        self,
+        num_blocks: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        block_size: int = 16,
+    ) -> None:
+        self.block_size = block_size
+        self.keys = torch.zeros(num_blocks, block_size, head_dim, dtype=dtype, device=device)
+        self.values = torch.zeros_like(self.keys)
+        self.positions = torch.full((num_blocks, block_size), -1, dtype=torch.int32, device=device)
+        self._free = list(range(num_blocks - 1, -1, -1))  # a stack: low ids go out first
+        self._out = bytearray(num_blocks)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.keys.shape[0]
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def head_dim(self) -> int:
+        return self.keys.shape[-1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.keys.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.keys.device
+
+    @property
+    def block_nbytes(self) -> int:
+        """Bytes one block holds: its keys, values and positions."""
+        per_entry = 2 * self.head_dim * self.keys.element_size() + self.positions.element_size()
+        return self.block_size * per_entry
+
+    def is_out(self, block: int) -> bool:
+        """Whether `block` is allocated (owned by some head)."""
+        return bool(self._out[block])
+
+    def allocate(self, n: int) -> list[int]:
+        """Take n free blocks."""
+        if n > len(self._free):
+            raise PoolExhausted(f"asked for {n} blocks, {len(self._free)} of {self.num_blocks} are free")
+        if n <= 0:
+            return []
+        blocks = self._free[-n:]
+        del self._free[-n:]
+        for b in blocks:
+            self._out[b] = 1
+        return blocks
+
+    def release(self, blocks: Iterable[int]) -> None:
+        """Return blocks to the pool."""
+        blocks = list(blocks)
+        for b in blocks:
+            if not self._out[b]:
+                raise ValueError(f"block {b} is released but was not allocated")
+            self._out[b] = 0
+        self._free.extend(blocks)

@@ -1,0 +1,284 @@
+"""PagedKV: one layer's kept K/V in blocks of a BlockPool that all layers share.
+
+Head h (a (sequence, kv-head) row, batch folded into heads as in FlatKV) owns the
+blocks block_table[h, :num_blocks[h]]; its i-th live entry sits in slot i % block_size
+of block block_table[h, i // block_size]. Sequences join (their prefill's kept
+entries go into fresh blocks) and leave (their blocks go back to the pool) without
+moving anyone else's entries; only the small block table is rebuilt. Eviction packs a
+head's kept entries into its leading blocks, in order, and returns the blocks left
+over, so memory follows what each head keeps, a block at a time.
+
+Bookkeeping (block ids, blocks and lengths per head) lives on the host, where
+allocation happens; the block table and the lengths are mirrored on the pool's
+device for attention. An append whose `valid` mask is on the GPU costs one sync
+(the pool must know how many entries each head gets).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from kvsqueeze.store.base import KVStore
+from kvsqueeze.store.block_pool import BlockPool
+
+
+class PagedKV(KVStore):
+    """Ragged per-head K/V in fixed-size blocks from a shared pool, for one layer."""
+
+    def __init__(self, pool: BlockPool) -> None:
+        self.pool = pool
+        self._table = torch.empty(0, 0, dtype=torch.int32)  # host; -1 where a head owns no block
+        self._num_blocks = torch.empty(0, dtype=torch.int64)  # host, blocks owned per head
+        self._host_lengths = torch.empty(0, dtype=torch.int64)
+        self._lengths = self._host_lengths.to(pool.device, copy=True)
+        self._device_table: torch.Tensor | None = None
+
+    @classmethod
+    def from_dense(
+        cls,
+        pool: BlockPool,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        keep: torch.Tensor,
+        positions: torch.Tensor | None = None,
+    ) -> PagedKV:
+        """A PagedKV holding the entries keep[h, t] of dense keys/values [heads, t, d]
+        (FlatKV.from_dense's contract; bind the pool with functools.partial to use it as
+        a store factory)."""
+        kv = cls(pool)
+        kv.join(keys, values, keep, positions)
+        return kv
+
+    # ---------------------------------------------------------------- queries
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self._lengths
+
+    @property
+    def head_dim(self) -> int:
+        return self.pool.head_dim
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pool.dtype
+
+    @property
+    def block_size(self) -> int:
+        return self.pool.block_size
+
+    @property
+    def block_table(self) -> torch.Tensor:
+        """Block ids per head, [heads, max blocks] int32 on the pool's device (-1 pads)."""
+        if self._device_table is None:
+            self._device_table = self._table.to(self.pool.device)
+        return self._device_table
+
+    @property
+    def num_blocks(self) -> torch.Tensor:
+        """Blocks each head owns, [heads] (host)."""
+        return self._num_blocks
+
+    def owned_blocks(self) -> list[int]:
+        """Every block this layer owns (for checks that the pool is whole)."""
+        owned = torch.arange(self._table.shape[1])[None, :] < self._num_blocks[:, None]
+        return self._table[owned].tolist()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the blocks this layer owns, plus its block table and lengths."""
+        blocks = int(self._num_blocks.sum()) * self.pool.block_nbytes
+        return blocks + self._table.numel() * self._table.element_size() + self._lengths.numel() * 8
+
+    def slots(self, index: torch.Tensor) -> torch.Tensor:
+        """Pool slot (block * block_size + offset, in the pool viewed as [blocks *
+        block_size, ...]) of entry index[h, j] of head h, for index [heads, k] of
+        entries inside the head's blocks; other indices give meaningless slots."""
+        return self._slots_of(torch.arange(self.num_heads, device=index.device)[:, None], index)
+
+    def _slots_of(self, heads: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        table = self.block_table
+        column = (index // self.block_size).clamp(0, max(table.shape[1] - 1, 0))
+        return table[heads, column].long() * self.block_size + index % self.block_size
+
+    def live_slots(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(slots [heads, L], live [heads, L]) for L the longest head: the pool slot of
+        every head's entries in order, padded to L (padding points at slot 0)."""
+        longest = int(self._host_lengths.max()) if self.num_heads else 0
+        index = torch.arange(longest, device=self.pool.device)[None, :].expand(self.num_heads, longest)
+        live = index < self._lengths[:, None]
+        if longest == 0:
+            return index, live
+        return torch.where(live, self.slots(index), 0), live
+
+    def padded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(keys [heads, L, d], values [heads, L, d], positions [heads, L], live [heads, L]):
+        every head's entries gathered and padded to the longest head (a copy)."""
+        slots, live = self.live_slots()
+        d = self.head_dim
+        return (
+            self.pool.keys.view(-1, d)[slots],
+            self.pool.values.view(-1, d)[slots],
+            self.pool.positions.view(-1)[slots],
+            live,
+        )
+
+    def head(self, h: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(keys, values, positions) of head h's live entries, gathered from its blocks."""
+        n = int(self._host_lengths[h])
+        index = torch.arange(n, device=self.pool.device)
+        slots = self._slots_of(torch.full_like(index, h), index)
+        d = self.head_dim
+        return (
+            self.pool.keys.view(-1, d)[slots],
+            self.pool.values.view(-1, d)[slots],
+            self.pool.positions.view(-1)[slots],
+        )
+
+    def runs(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        keys, values, positions, _ = self.padded()
+        for h, n in enumerate(self._host_lengths.tolist()):
+            yield keys[h, :n], values[h, :n], positions[h, :n]
+
+    def max_position(self) -> int:
+        slots, live = self.live_slots()
+        positions = self.pool.positions.view(-1)[slots][live]
+        return int(positions.max()) if len(positions) else -1
+
+    # ---------------------------------------------------------------- membership
+    def join(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        keep: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> slice:
+        """Add heads for a new sequence: the entries keep[h, t] (default all) of dense
+        keys/values [n, t, d] at positions ([t] or [n, t], default 0..t-1). Returns the
+        rows they got (the last n); no other head's entries move."""
+        n, t, _ = keys.shape
+        if keep is None:
+            keep = torch.ones(n, t, dtype=torch.bool, device=keys.device)
+        if positions is None:
+            positions = torch.arange(t, device=keys.device)
+        first = self.num_heads
+        lengths = keep.sum(dim=-1)
+        self._table = torch.cat([self._table, self._table.new_full((n, self._table.shape[1]), -1)])
+        self._num_blocks = torch.cat([self._num_blocks, self._num_blocks.new_zeros(n)])
+        self._host_lengths = torch.cat([self._host_lengths, self._host_lengths.new_zeros(n)])
+        self._lengths = torch.cat([self._lengths, self._lengths.new_zeros(n)])
+        self._device_table = None
+        new_lengths = lengths.cpu()
+        self._grow(torch.cat([self._host_lengths[:first], new_lengths]))
+        heads, tokens = keep.nonzero(as_tuple=True)
+        index = (torch.cumsum(keep, dim=-1) - 1)[heads, tokens]
+        self._write(first + heads, index, keys[keep], values[keep], positions.expand(n, t)[keep])
+        self._host_lengths[first:] = new_lengths
+        self._lengths = self._host_lengths.to(self.pool.device, copy=True)
+        return slice(first, first + n)
+
+    def leave(self, rows: slice | Sequence[int] | torch.Tensor) -> None:
+        """Remove heads (e.g. a finished sequence's): their blocks go back to the pool
+        and later rows move up; no entry of another head moves."""
+        gone = torch.zeros(self.num_heads, dtype=torch.bool)
+        gone[rows] = True
+        owned = torch.arange(self._table.shape[1])[None, :] < self._num_blocks[:, None]
+        self.pool.release(self._table[owned & gone[:, None]].tolist())
+        stay = ~gone
+        self._table, self._num_blocks = self._table[stay], self._num_blocks[stay]
+        self._host_lengths = self._host_lengths[stay]
+        self._lengths = self._lengths[stay.to(self._lengths.device)]
+        self._device_table = None
+        self._trim_table()
+
+    # ---------------------------------------------------------------- updates
+    def append(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        positions: torch.Tensor,
+        valid: torch.Tensor | None = None,
+    ) -> None:
+        h, q, _ = keys.shape
+        positions = positions.expand(h, q)
+        heads = torch.arange(h, device=keys.device)[:, None].expand(h, q)
+        if valid is None:
+            added = torch.full((h,), q, dtype=torch.int64)
+            index = self._lengths[:, None] + torch.arange(q, device=keys.device)
+        else:
+            added = valid.sum(dim=-1).cpu()
+            index = (self._lengths[:, None] + torch.cumsum(valid, dim=-1) - 1)[valid]
+            heads, keys, values, positions = heads[valid], keys[valid], values[valid], positions[valid]
+        self._grow(self._host_lengths + added)
+        self._write(heads.flatten(), index.flatten(), keys.flatten(0, -2), values.flatten(0, -2), positions.flatten())
+        self._host_lengths = self._host_lengths + added
+        self._lengths = self._lengths + added.to(self._lengths.device)
+
+    def reserve(self, n: int) -> None:
+        self._grow(self._host_lengths + n)
+
+    def evict(self, keep: torch.Tensor) -> None:
+        if self.num_heads and keep.shape[1] < int(self._host_lengths.max()):
+            raise ValueError(f"keep has {keep.shape[1]} columns, fewer than the longest head's entries")
+        index = torch.arange(keep.shape[1], device=keep.device)
+        keep = keep & (index[None, :] < self._lengths[:, None])
+        heads, entries = keep.nonzero(as_tuple=True)
+        packed = (torch.cumsum(keep, dim=-1) - 1)[heads, entries]  # a kept entry's new index: never later
+        src, dst = self._slots_of(heads, entries), self._slots_of(heads, packed)
+        d = self.head_dim
+        for buffer in (self.pool.keys.view(-1, d), self.pool.values.view(-1, d), self.pool.positions.view(-1)):
+            buffer[dst] = buffer[src]  # the gather copies first: moves within a head cannot clobber
+        self._lengths = keep.sum(dim=-1)
+        self._host_lengths = self._lengths.cpu()
+        self._shrink()
+
+    # ---------------------------------------------------------------- blocks
+    def _write(
+        self,
+        heads: torch.Tensor,
+        index: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        positions: torch.Tensor,
+    ) -> None:
+        """Write entries to entry index[i] of head heads[i] (blocks already owned)."""
+        slots = self._slots_of(heads, index)
+        d = self.head_dim
+        self.pool.keys.view(-1, d)[slots] = keys.to(self.dtype)
+        self.pool.values.view(-1, d)[slots] = values.to(self.dtype)
+        self.pool.positions.view(-1)[slots] = positions.to(torch.int32)
+
+    def _grow(self, targets: torch.Tensor) -> None:
+        """Take blocks so that head h can hold targets[h] (host) entries."""
+        need = (-(-targets // self.block_size) - self._num_blocks).clamp_min(0)
+        total = int(need.sum())
+        if total == 0:
+            return
+        blocks = torch.tensor(self.pool.allocate(total), dtype=torch.int32)
+        owner = torch.repeat_interleave(torch.arange(self.num_heads), need)
+        column = self._num_blocks[owner] + torch.arange(total) - (torch.cumsum(need, 0) - need)[owner]
+        width = int((self._num_blocks + need).max())
+        if width > self._table.shape[1]:
+            extra = max(width - self._table.shape[1], self._table.shape[1] // 2)  # amortize widening
+            self._table = torch.cat([self._table, self._table.new_full((self.num_heads, extra), -1)], dim=1)
+        self._table[owner, column] = blocks
+        self._num_blocks = self._num_blocks + need
+        self._device_table = None
+
+    def _shrink(self) -> None:
+        """Return the blocks past each head's live entries to the pool."""
+        keep_blocks = -(-self._host_lengths // self.block_size)
+        column = torch.arange(self._table.shape[1])[None, :]
+        spare = (column >= keep_blocks[:, None]) & (column < self._num_blocks[:, None])
+        self.pool.release(self._table[spare].tolist())
+        self._table[spare] = -1
+        self._num_blocks = keep_blocks
+        self._device_table = None
+        self._trim_table()
+
+    def _trim_table(self) -> None:
+        width = int(self._num_blocks.max()) if self.num_heads else 0
+        if width < self._table.shape[1] // 2:  # keep some width: appends would widen it again
+            self._table = self._table[:, :width].contiguous()
+            self._device_table = None
