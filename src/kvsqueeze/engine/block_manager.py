@@ -11,6 +11,8 @@ compressed footprint.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from kvsqueeze.store import BlockPool, PagedKV
@@ -37,6 +39,7 @@ class BlockManager:
         self.pool = BlockPool(num_blocks, head_dim, dtype, device, block_size)
         self.num_layers, self.num_kv_heads, self.block_size = num_layers, num_kv_heads, block_size
         self.kv: dict[int, list[PagedKV | None]] = {}  # seq_id -> per layer (None until it joins that layer)
+        self.on_free: list[Callable[[int], None]] = []  # told of every sequence whose blocks are freed
 
     # ------------------------------------------------------------------ accounting
     @property
@@ -65,6 +68,10 @@ class BlockManager:
     def stored_tokens(self, seq_id: int) -> int:
         return sum(kv.num_tokens for kv in self.kv.get(seq_id, []) if kv is not None)
 
+    @property
+    def block_nbytes(self) -> int:
+        return self.pool.block_nbytes
+
     def blocks_in_use(self) -> int:
         return self.pool.num_blocks - self.pool.num_free
 
@@ -90,6 +97,8 @@ class BlockManager:
         for kv in self.kv.pop(seq_id, []):
             if kv is not None and kv.num_heads:
                 kv.leave(slice(0, kv.num_heads))
+        for listener in self.on_free:
+            listener(seq_id)
 
     def is_whole(self) -> bool:
         """No sequence holds blocks and every block is free: nothing leaked."""

@@ -13,31 +13,39 @@ evicts; the freed blocks go back to the pool at once.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
 from kvsqueeze.engine.block_manager import BlockManager
 from kvsqueeze.engine.scheduler import ScheduledChunk
 from kvsqueeze.ops import dense_causal_attention, policy_scores
-from kvsqueeze.ops.paged_attention import paged_attention
+from kvsqueeze.ops.ragged_attention import visible
 from kvsqueeze.policy import ScoreInput
-from kvsqueeze.store import PagedKV
+from kvsqueeze.store import BlockPool, PagedKV
 
 
 class PagedCompressedCache:
-    def __init__(self, blocks: BlockManager, num_heads: int, scaling: float, sliding_window: int | None) -> None:
+    def __init__(
+        self, blocks: BlockManager, num_heads: int, scaling: float, sliding_windows: Sequence[int | None]
+    ) -> None:
         self.blocks = blocks
-        self.num_heads, self.scaling, self.sliding_window = num_heads, scaling, sliding_window
+        self.num_heads, self.scaling, self.sliding_windows = num_heads, scaling, tuple(sliding_windows)
         self.num_layers = blocks.num_layers
         self.chunks: list[ScheduledChunk] = []
         self._prompt_queries: dict[tuple[int, int], list[torch.Tensor]] = {}  # (seq, layer) -> [n, hq, d] chunks
+        blocks.on_free.append(self._forget)
 
     def begin_step(self, chunks: list[ScheduledChunk]) -> None:
         """The chunks the next forward runs, in the order of its flat token batch."""
         self.chunks = chunks
 
-    def drop(self, seq_id: int) -> None:
-        """Forget a sequence's pending prompt queries (it finished or was preempted)."""
+    def free(self, seq_id: int) -> None:
+        """Return a finished or preempted sequence's blocks (and forget its pending queries)."""
+        self.blocks.free(seq_id)
+
+    def _forget(self, seq_id: int) -> None:
         for layer in range(self.num_layers):
             self._prompt_queries.pop((seq_id, layer), None)
 
@@ -60,7 +68,8 @@ class PagedCompressedCache:
             offset += n
         if decode:
             rows = torch.tensor([o for o, _, _ in decode])
-            out[rows] = self._decode(q[rows], [s for _, s, _ in decode], [p for _, _, p in decode])
+            stores, positions = [s for _, s, _ in decode], [p for _, _, p in decode]
+            out[rows] = self._decode(q[rows], stores, positions, self.sliding_windows[layer_idx])
         return out
 
     def _chunk(
@@ -77,16 +86,16 @@ class PagedCompressedCache:
         hkv = k.shape[1]
         positions = torch.arange(chunk.start, chunk.end)
         keys, values = k.transpose(0, 1), v.transpose(0, 1)  # [hkv, n, d]
+        window = self.sliding_windows[layer_idx]
         queries = q.transpose(0, 1)  # [hq, n, d]
         if store is None:  # the first chunk: plain causal attention over itself
             store = self.blocks.join(chunk.seq.seq_id, layer_idx, keys, values, positions)
-            out = dense_causal_attention(
-                queries[None], keys[None], values[None], None, self.scaling, self.sliding_window
-            )[0]
+            out = dense_causal_attention(queries[None], keys[None], values[None], None, self.scaling, window)[0]
         else:
             store.append(keys, values, positions)
+            slots, live = store.live_slots()
             grouped = queries.reshape(hkv, hq // hkv, n, d)
-            out = paged_attention(grouped, store, positions.expand(hkv, n), self.scaling, self.sliding_window)
+            out = _gathered_attention(grouped, store.pool, slots, live, positions.expand(hkv, n), self.scaling, window)
             out = out.reshape(hq, n, d)
         in_prompt = chunk.start < chunk.seq.num_prompt_tokens
         if in_prompt and chunk.seq.policy.compresses:
@@ -108,27 +117,44 @@ class PagedCompressedCache:
             torch.ones(1, t, dtype=torch.bool, device=keys.device),
             self.scaling,
             policy.window,
-            self.sliding_window,
+            self.sliding_windows[layer_idx],
         )
         keep = policy.keep_mask(x, layer_idx, self.num_layers, policy_scores(policy.scorer, x))
         store.evict(keep[0])
 
-    def _decode(self, q: torch.Tensor, stores: list[PagedKV], positions: list[int]) -> torch.Tensor:
-        """One new token per sequence, every sequence's heads in one SDPA over one gather."""
+    def _decode(self, q: torch.Tensor, stores: list[PagedKV], positions: list[int], window: int | None) -> torch.Tensor:
+        """One new token per sequence: every sequence's heads in one SDPA over one gather."""
         r, hq, d = q.shape
         hkv = stores[0].num_heads
         parts = [s.live_slots() for s in stores]
         longest = max(p[0].shape[1] for p in parts)
         slots = torch.cat([F.pad(s, (0, longest - s.shape[1])) for s, _ in parts])  # [r * hkv, L]
         live = torch.cat([F.pad(lv, (0, longest - lv.shape[1])) for _, lv in parts])
-        pool = stores[0].pool
-        keys, values = pool.keys.view(-1, d)[slots], pool.values.view(-1, d)[slots]
-        if self.sliding_window is not None:
-            pos = pool.positions.view(-1)[slots]
-            q_pos = torch.tensor(positions).repeat_interleave(hkv)[:, None]
-            live = live & (q_pos - pos < self.sliding_window)
-        grouped = q.view(r * hkv, 1, hq // hkv, d)
-        out = F.scaled_dot_product_attention(
-            grouped, keys[:, None], values[:, None], attn_mask=live[:, None, None, :], scale=self.scaling
+        q_pos = torch.tensor(positions).repeat_interleave(hkv)[:, None]  # [r * hkv, 1]
+        out = _gathered_attention(
+            q.view(r * hkv, hq // hkv, 1, d), stores[0].pool, slots, live, q_pos, self.scaling, window
         )
         return out.view(r, hq, d)
+
+
+def _gathered_attention(
+    query: torch.Tensor,
+    pool: BlockPool,
+    slots: torch.Tensor,
+    live: torch.Tensor,
+    query_positions: torch.Tensor,
+    scaling: float,
+    window: int | None,
+) -> torch.Tensor:
+    """Attention of query [rows, group, q, d] at query_positions [rows, q] over the pool
+    entries slots[rows, L] (live[rows, L] marks real ones), in the query's dtype: the
+    pool may store K/V in 16 bits while the model computes in fp32."""
+    rows, g, q, d = query.shape
+    keys = pool.keys.view(-1, d)[slots].to(query.dtype)
+    values = pool.values.view(-1, d)[slots].to(query.dtype)
+    allowed = live[:, None, :] & visible(pool.positions.view(-1)[slots], query_positions, window)  # [rows, q, L]
+    mask = allowed.repeat(1, g, 1)[:, None]  # [rows, 1, g * q, L]
+    out = F.scaled_dot_product_attention(
+        query.reshape(rows, 1, g * q, d), keys[:, None], values[:, None], attn_mask=mask, scale=scaling
+    )
+    return out.view(rows, g, q, d)

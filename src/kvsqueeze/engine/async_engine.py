@@ -1,0 +1,112 @@
+"""AsyncLLMEngine: the engine on a background thread, for the HTTP server.
+
+The engine is not thread-safe, so one thread owns it: requests and aborts reach it
+through a command queue, and each request's outputs go back to the event loop that
+asked, through an asyncio queue. A caller that stops iterating (a client that
+disconnects) aborts its request, and its blocks return to the pool on the engine's
+next turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from kvsqueeze.engine.llm_engine import LLMEngine
+from kvsqueeze.engine.output import RequestOutput
+from kvsqueeze.engine.sampling_params import SamplingParams
+from kvsqueeze.policy import Policy
+
+
+class AsyncLLMEngine:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._commands: queue.Queue[Callable[[], None]] = queue.Queue()
+        self._streams: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._stop = threading.Event()
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="kvsqueeze-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._commands.put(lambda: None)
+        self._thread.join(timeout=30)
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Run fn on the engine thread and wait for its result (for short queries like stats)."""
+        done: queue.Queue = queue.Queue(maxsize=1)
+
+        def run() -> None:
+            try:
+                done.put((True, fn()))
+            except BaseException as exc:  # handed back to the caller
+                done.put((False, exc))
+
+        self._commands.put(run)
+        ok, value = done.get()
+        if not ok:
+            raise value
+        return value
+
+    async def generate(
+        self, prompt_token_ids: list[int], params: SamplingParams, policy: Policy | None = None
+    ) -> AsyncIterator[RequestOutput]:
+        """Outputs of one request as they come; leaving the loop early aborts it."""
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue = asyncio.Queue()
+        seq = await loop.run_in_executor(
+            None, self.call, lambda: self._add(prompt_token_ids, params, policy, loop, outputs)
+        )
+        finished = False
+        try:
+            while not finished:
+                item = await outputs.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            if not finished:
+                self._commands.put(lambda: self._abort(seq.seq_id))
+
+    def _add(self, prompt, params, policy, loop, outputs):
+        seq = self.engine.add_request(prompt, params, policy)
+        self._streams[seq.seq_id] = (loop, outputs)
+        return seq
+
+    def _abort(self, seq_id: int) -> None:
+        self._streams.pop(seq_id, None)
+        self.engine.abort(seq_id)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            block = not self.engine.has_unfinished()
+            try:
+                while True:
+                    self._commands.get(block=block, timeout=0.5 if block else None)()
+                    block = False
+            except queue.Empty:
+                pass
+            if not self.engine.has_unfinished():
+                continue
+            try:
+                results = self.engine.step()
+            except BaseException as exc:  # the engine is broken: fail every open request, keep the thread
+                self.error = exc
+                for loop, stream in self._streams.values():
+                    loop.call_soon_threadsafe(stream.put_nowait, exc)
+                self._streams.clear()
+                self.engine.abort_all()
+                continue
+            for out in results:
+                target = self._streams.get(out.request_id)
+                if target is None:
+                    continue
+                loop, stream = target
+                loop.call_soon_threadsafe(stream.put_nowait, out)
+                if out.finished:
+                    del self._streams[out.request_id]

@@ -1,0 +1,191 @@
+"""Our own forward for the Llama family (Llama, Mistral, Qwen2), on plain tensors.
+
+One implementation, the differences as config: q/k/v biases (Qwen2, Llama's attention_bias)
+come with the checkpoint's tensors, sliding windows per layer (Mistral, Qwen2's layer_types)
+go to the attention backend, rope scaling to the rotary table. The forward runs on a flat
+batch of tokens of many sequences; attention is the backend's business.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+from kvsqueeze.engine.attention_batch import AttentionBackend, AttentionBatch
+from kvsqueeze.engine.rope import RotaryEmbedding, apply_rope
+from kvsqueeze.errors import KVSqueezeError
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"),
+    "relu": F.relu,
+}
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What the forward needs from a Llama-family config.json."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    hidden_act: str
+    sliding_windows: tuple[int | None, ...]  # per layer: keys a query sees, itself included; None = all
+    eos_token_ids: tuple[int, ...] = field(default=())
+
+    @classmethod
+    def from_dict(cls, cfg: dict) -> ModelConfig:
+        """Parse config.json, in transformers' 4.x (rope_theta, rope_scaling) or 5.x (rope_parameters) form."""
+        model_type = cfg.get("model_type", "")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise KVSqueezeError(f"model type {model_type!r} is not supported; the engine runs {SUPPORTED_MODEL_TYPES}")
+        num_heads = cfg["num_attention_heads"]
+        num_layers = cfg["num_hidden_layers"]
+        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
+        rope.setdefault("original_max_position_embeddings", cfg.get("max_position_embeddings"))
+        if rope.get("rope_type", rope.get("type", "default")) == "default":
+            rope = {}
+        hidden_act = cfg.get("hidden_act", "silu")
+        if hidden_act not in ACTIVATIONS:
+            raise KVSqueezeError(f"activation {hidden_act!r} is not supported ({', '.join(ACTIVATIONS)} are)")
+        eos = cfg.get("eos_token_id")
+        return cls(
+            model_type=model_type,
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_layers=num_layers,
+            num_heads=num_heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or num_heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // num_heads,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta),
+            rope_scaling=rope or None,
+            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+            hidden_act=hidden_act,
+            sliding_windows=sliding_windows(cfg, num_layers),
+            eos_token_ids=tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]),
+        )
+
+
+def sliding_windows(cfg: dict, num_layers: int) -> tuple[int | None, ...]:
+    """Each layer's window: `layer_types` when the config lists them (transformers 5, Qwen2);
+    else Qwen2's use_sliding_window / max_window_layers; else Mistral's one window for all layers."""
+    window = cfg.get("sliding_window")
+    if cfg.get("layer_types"):
+        return tuple(window if t == "sliding_attention" else None for t in cfg["layer_types"])
+    if cfg.get("model_type") == "qwen2":
+        if not cfg.get("use_sliding_window"):
+            return (None,) * num_layers
+        first = cfg.get("max_window_layers", num_layers)
+        return tuple(window if i >= first else None for i in range(num_layers))
+    return (window,) * num_layers
+
+
+@dataclass
+class LayerWeights:
+    """One decoder layer, with q/k/v and gate/up fused into one matmul each (concatenated at load)."""
+
+    input_norm: torch.Tensor
+    qkv: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    o: torch.Tensor
+    o_bias: torch.Tensor | None
+    post_norm: torch.Tensor
+    gate_up: torch.Tensor
+    gate_up_bias: torch.Tensor | None
+    down: torch.Tensor
+    down_bias: torch.Tensor | None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' Llama RMSNorm: normalize in fp32, scale in the input's dtype."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+class LlamaModel:
+    """Embedding, decoder layers and LM head over one dtype; `forward` returns last-token logits."""
+
+    def __init__(
+        self, config: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device | str
+    ) -> None:
+        self.config = config
+        self.dtype = dtype
+
+        def get(name: str) -> torch.Tensor:
+            return weights[name].to(device=device, dtype=dtype).contiguous()
+
+        def fused(names: list[str]) -> torch.Tensor | None:
+            # A bias exists for all of q/k/v (or gate/up) or for none.
+            if names[0] not in weights:
+                return None
+            return torch.cat([weights[n] for n in names]).to(device=device, dtype=dtype).contiguous()
+
+        def maybe(name: str) -> torch.Tensor | None:
+            return get(name) if name in weights else None
+
+        self.embed = get("model.embed_tokens.weight")
+        self.norm = get("model.norm.weight")
+        self.lm_head = self.embed if config.tie_word_embeddings else maybe("lm_head.weight")
+        if self.lm_head is None:
+            self.lm_head = self.embed  # checkpoints that tie without saying so
+        self.layers = []
+        for i in range(config.num_layers):
+            p = f"model.layers.{i}."
+            attn, mlp = p + "self_attn.", p + "mlp."
+            self.layers.append(
+                LayerWeights(
+                    input_norm=get(p + "input_layernorm.weight"),
+                    qkv=fused([attn + f"{x}_proj.weight" for x in "qkv"]),
+                    qkv_bias=fused([attn + f"{x}_proj.bias" for x in "qkv"]),
+                    o=get(attn + "o_proj.weight"),
+                    o_bias=maybe(attn + "o_proj.bias"),
+                    post_norm=get(p + "post_attention_layernorm.weight"),
+                    gate_up=fused([mlp + "gate_proj.weight", mlp + "up_proj.weight"]),
+                    gate_up_bias=fused([mlp + "gate_proj.bias", mlp + "up_proj.bias"]),
+                    down=get(mlp + "down_proj.weight"),
+                    down_bias=maybe(mlp + "down_proj.bias"),
+                )
+            )
+        self.rope = RotaryEmbedding(
+            config.head_dim, config.rope_theta, config.rope_scaling, config.max_position_embeddings, dtype, device
+        )
+        self.act = ACTIVATIONS[config.hidden_act]
+
+    @torch.inference_mode()
+    def forward(self, batch: AttentionBatch, backend: AttentionBackend) -> torch.Tensor:
+        """Logits [num_seqs, vocab] (fp32) of each sequence's last token in the flat batch."""
+        cfg = self.config
+        T, nh, nkv, d, eps = batch.num_tokens, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
+        cos, sin = self.rope.lookup(batch.positions)
+        x = F.embedding(batch.input_ids, self.embed)
+        for i, w in enumerate(self.layers):
+            qkv = F.linear(rms_norm(x, w.input_norm, eps), w.qkv, w.qkv_bias).view(T, nh + 2 * nkv, d)
+            # q and k rotate together: one set of elementwise ops per layer instead of two.
+            qk = apply_rope(qkv[:, : nh + nkv], cos, sin)
+            out = backend.attend(i, qk[:, :nh], qk[:, nh:], qkv[:, nh + nkv :], batch)
+            x = x + F.linear(out.reshape(T, nh * d), w.o, w.o_bias)
+            gate, up = F.linear(rms_norm(x, w.post_norm, eps), w.gate_up, w.gate_up_bias).chunk(2, dim=-1)
+            x = x + F.linear(self.act(gate) * up, w.down, w.down_bias)
+        # Only the rows that are sampled from go through the final norm and the LM head.
+        x = rms_norm(x[batch.logits_indices], self.norm, eps)
+        return F.linear(x, self.lm_head).float()

@@ -1,0 +1,182 @@
+"""The OpenAI-compatible HTTP server: /v1/completions and /v1/chat/completions (with
+SSE streaming), /v1/models, /health and /metrics, over an AsyncLLMEngine.
+
+Errors come in OpenAI's shape, {"error": {"message", "type", "param", "code"}}, with
+400 for bad requests, 401 without the API key, 404 for another model's name; a bad
+request never disturbs the others. A client that disconnects mid-stream aborts its
+request (AsyncLLMEngine.generate's cleanup), so its blocks go back to the pool.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from kvsqueeze.engine.async_engine import AsyncLLMEngine
+from kvsqueeze.engine.output import RequestOutput
+from kvsqueeze.engine.protocol import ChatCompletionRequest, CompletionRequest, _Common
+from kvsqueeze.engine.sampling_params import SamplingParams
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param = status, message, kind, param
+
+
+def _error(status: int, message: str, kind: str, param: str | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
+    return JSONResponse(body, status_code=status)
+
+
+def build_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = None) -> FastAPI:
+    app = FastAPI(title="kvsqueeze", version="1")
+    llm = engine.engine
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return _error(exc.status, exc.message, exc.kind, exc.param)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return _error(
+            400,
+            f"invalid request: {where or 'body'}: {first.get('msg', 'malformed')}",
+            "invalid_request_error",
+            where or None,
+        )
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next):
+        if api_key and request.url.path != "/health":
+            given = request.headers.get("authorization", "")
+            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                return _error(401, "invalid or missing API key", "authentication_error")
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok" if engine.error is None else f"engine error: {engine.error}"}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(llm.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        card = {"id": model_name, "object": "model", "created": 0, "owned_by": "kvsqueeze"}
+        return {"object": "list", "data": [card]}
+
+    def _prepare(body: _Common, prompt_ids: list[int], max_tokens: int | None):
+        if body.model is not None and body.model != model_name:
+            raise APIError(
+                404,
+                f"model {body.model!r} does not exist; this server serves {model_name!r}",
+                "not_found_error",
+                "model",
+            )
+        if not prompt_ids:
+            raise APIError(400, "empty prompt: give at least one token", param="prompt")
+        room = llm.max_model_len - len(prompt_ids)
+        if room < 1:
+            raise APIError(
+                400, f"prompt of {len(prompt_ids)} tokens does not fit the model's {llm.max_model_len}", param="prompt"
+            )
+        if max_tokens is not None and max_tokens > room:
+            raise APIError(
+                400,
+                f"max_tokens={max_tokens} with a {len(prompt_ids)}-token prompt passes the model's context "
+                f"of {llm.max_model_len}",
+                param="max_tokens",
+            )
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        try:
+            params = SamplingParams(
+                temperature=body.temperature,
+                top_p=body.top_p,
+                top_k=body.top_k,
+                seed=body.seed,
+                max_tokens=max_tokens or min(16 if isinstance(body, CompletionRequest) else room, room),
+                stop=stop,
+                stop_token_ids=list(body.stop_token_ids or []),
+                ignore_eos=body.ignore_eos,
+            )
+            policy = llm.policy_for(body.kv_policy, body.kv_keep, body.kv_tokens)
+        except ValueError as exc:
+            raise APIError(400, str(exc)) from exc
+        return params, policy
+
+    async def _respond(body: _Common, prompt_ids: list[int], params, policy, chat: bool):
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        created = int(time.time())
+        stream = engine.generate(prompt_ids, params, policy)
+        if body.stream:
+            return StreamingResponse(_sse(rid, created, stream, chat), media_type="text/event-stream")
+        final: RequestOutput | None = None
+        async for final in stream:  # noqa: B007  (the last output is the result)
+            pass
+        out = final.outputs[0]
+        choice = {"index": 0, "finish_reason": out.finish_reason, "logprobs": None}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": out.text}
+        else:
+            choice["text"] = out.text
+        usage = {
+            "prompt_tokens": len(prompt_ids),
+            "completion_tokens": len(out.token_ids),
+            "total_tokens": len(prompt_ids) + len(out.token_ids),
+        }
+        kind = "chat.completion" if chat else "text_completion"
+        return {"id": rid, "object": kind, "created": created, "model": model_name, "choices": [choice], "usage": usage}
+
+    async def _sse(rid: str, created: int, stream: AsyncIterator[RequestOutput], chat: bool) -> AsyncIterator[str]:
+        kind = "chat.completion.chunk" if chat else "text_completion"
+        first = True
+        try:
+            async for item in stream:
+                out = item.outputs[0]
+                if chat:
+                    delta = {"content": item.delta}
+                    if first:
+                        delta["role"] = "assistant"
+                    choice = {"index": 0, "delta": delta, "finish_reason": out.finish_reason}
+                else:
+                    choice = {"index": 0, "text": item.delta, "finish_reason": out.finish_reason, "logprobs": None}
+                first = False
+                chunk = {"id": rid, "object": kind, "created": created, "model": model_name, "choices": [choice]}
+                yield f"data: {json.dumps(chunk)}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:  # a disconnected client closes us: close the request now, which aborts it
+            await stream.aclose()
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest):
+        if isinstance(body.prompt, str):
+            ids = llm.tokenizer.encode(body.prompt) if body.prompt else []
+        else:
+            ids = list(body.prompt)
+            if any(not 0 <= t < llm.vocab_size for t in ids):
+                raise APIError(400, f"prompt token ids must be in [0, {llm.vocab_size})", param="prompt")
+        params, policy = _prepare(body, ids, body.max_tokens)
+        return await _respond(body, ids, params, policy, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest):
+        messages = [m.model_dump() for m in body.messages]
+        try:
+            ids = llm.tokenizer.apply_chat_template(messages)
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="messages") from exc
+        params, policy = _prepare(body, ids, body.max_completion_tokens or body.max_tokens)
+        return await _respond(body, ids, params, policy, chat=True)
+
+    return app
