@@ -29,6 +29,7 @@ from kvsqueeze.eval.table import (  # noqa: E402
 )
 
 MARKERS = "osD^vPX*<>"
+STEMS = ("score_vs_budget", "needle_heatmap", "ada_head_budgets")
 DODGE = 0.012  # sideways shift of a line that repeats an earlier one, as a fraction of the x range
 
 
@@ -121,8 +122,10 @@ def needle_heatmap_figure(rows: list[dict], title: str) -> Figure:
     lengths = sorted({r["length"] for r in rows})
     cols = min(4, len(panels))
     nrows = (len(panels) + cols - 1) // cols
-    fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 3.0 * nrows), squeeze=False)
-    fig.subplots_adjust(hspace=0.45, wspace=0.35)
+    height = 3.0 * nrows + 1.2
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, height), squeeze=False)
+    # Fixed inches for the title above and the axis label below, whatever the rows.
+    fig.subplots_adjust(hspace=0.45, wspace=0.35, top=1 - 0.8 / height, bottom=0.75 / height)
     cells = grouped(rows, lambda r: (r["policy"], budget_label(r), r["depth"], r["length"]))
     image = None
     for ax, (policy, budget) in zip(axes.flat, panels, strict=False):
@@ -197,7 +200,7 @@ def write_plots(rows: list[dict], out: Path, new: list[dict] | None = None) -> l
     def stale(path: Path, rows: list[dict]) -> bool:
         return new_keys is None or not path.is_file() or any(row_key(r) in new_keys for r in rows)
 
-    written = []
+    written, expected = [], set()
     models = grouped(rows, lambda r: r["model"])
     for model, model_rows in sorted(models.items()):
         model_name = [model] if len(models) > 1 else []
@@ -207,15 +210,27 @@ def write_plots(rows: list[dict], out: Path, new: list[dict] | None = None) -> l
             names = [*model_name, part.settings]
             title = ", ".join(n for n in [part.family, mode, *names] if n)
             path = _file(out, "score_vs_budget", [part.family, mode, *names])
-            if any(r["policy"] != "full" for r in part.rows) and stale(path, part.rows):
-                fig = score_vs_budget_figure(part.rows, title, perplexity=part.family == "ppl")
-                written.append(_save(fig, path))
+            if any(r["policy"] != "full" for r in part.rows):
+                expected.add(path)
+                if stale(path, part.rows):
+                    fig = score_vs_budget_figure(part.rows, title, perplexity=part.family == "ppl")
+                    written.append(_save(fig, path))
             path = _file(out, "needle_heatmap", [mode, *names])
-            if part.family == "needle" and stale(path, part.rows):
-                written.append(_save(needle_heatmap_figure(part.rows, title), path))
+            if part.family == "needle":
+                expected.add(path)
+                if stale(path, part.rows):
+                    written.append(_save(needle_heatmap_figure(part.rows, title), path))
         for settings in dict.fromkeys(p.settings for p in model_parts):
             variant = [r for p in model_parts if p.settings == settings for r in p.rows]
             row, path = head_budget_row(variant), _file(out, "ada_head_budgets", [*model_name, settings])
-            if row is not None and stale(path, variant):
-                written.append(_save(head_budgets_figure(row), path))
+            if row is not None:
+                expected.add(path)
+                if stale(path, variant):
+                    written.append(_save(head_budgets_figure(row), path))
+    # A plot named for settings the results no longer tell apart (e.g. the unlabelled
+    # one from before a second window was run) would show a part without saying so.
+    for stem in STEMS:
+        for path in out.glob(f"{stem}*.png"):
+            if path not in expected:
+                path.unlink()
     return written
