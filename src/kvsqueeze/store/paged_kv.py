@@ -105,24 +105,34 @@ class PagedKV(KVStore):
     def live_slots(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(slots [heads, L], live [heads, L]) for L the longest head: the pool slot of
         every head's entries in order, padded to L (padding points at slot 0)."""
-        longest = int(self._host_lengths.max()) if self.num_heads else 0
-        index = torch.arange(longest, device=self.pool.device)[None, :].expand(self.num_heads, longest)
-        live = index < self._lengths[:, None]
-        if longest == 0:
-            return index, live
-        return torch.where(live, self.slots(index), 0), live
+        longest = self._longest()
+        live = torch.arange(longest, device=self.pool.device)[None, :] < self._lengths[:, None]
+        blocks = self._padded_blocks(longest)
+        within = torch.arange(self.block_size, device=self.pool.device)
+        slots = (blocks[:, :, None] * self.block_size + within).flatten(1)[:, :longest]
+        return torch.where(live, slots, 0), live
 
     def padded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(keys [heads, L, d], values [heads, L, d], positions [heads, L], live [heads, L]):
-        every head's entries gathered and padded to the longest head (a copy)."""
-        slots, live = self.live_slots()
-        d = self.head_dim
-        return (
-            self.pool.keys.view(-1, d)[slots],
-            self.pool.values.view(-1, d)[slots],
-            self.pool.positions.view(-1)[slots],
-            live,
-        )
+        every head's entries gathered and padded to the longest head L (a copy; the
+        padding holds whatever its block holds: mask it with `live`)."""
+        longest = self._longest()
+        live = torch.arange(longest, device=self.pool.device)[None, :] < self._lengths[:, None]
+        # Whole blocks are gathered (one index per block_size entries), then cut to L.
+        blocks = self._padded_blocks(longest).flatten()
+        h, d = self.num_heads, self.head_dim
+        keys = self.pool.keys.index_select(0, blocks).view(h, -1, d)[:, :longest]
+        values = self.pool.values.index_select(0, blocks).view(h, -1, d)[:, :longest]
+        positions = self.pool.positions.index_select(0, blocks).view(h, -1)[:, :longest]
+        return keys, values, positions, live
+
+    def _longest(self) -> int:
+        return int(self._host_lengths.max()) if self.num_heads else 0
+
+    def _padded_blocks(self, longest: int) -> torch.Tensor:
+        """Block ids [heads, ceil(longest / block_size)] (int64); block 0 where a head has none."""
+        width = -(-longest // self.block_size)
+        return self.block_table[:, :width].clamp_min(0).long()
 
     def head(self, h: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(keys, values, positions) of head h's live entries, gathered from its blocks."""
