@@ -101,7 +101,7 @@ def candidates(
     longest = int(kv.lengths.max())
     offs = torch.arange(longest, device=query.device)
     inside = offs[None, :] < kv.lengths[:, None]
-    slots = (kv.starts[:, None] + offs[None, :]).clamp_max(kv.keys.shape[0] - 1)
+    slots = kv.slots(offs[None, :].expand(h, longest)).clamp_max(kv.keys.shape[0] - 1)
     k_pad = torch.where(inside[..., None], kv.keys[slots], 0).unsqueeze(1)  # [h, 1, longest, d]
     v_pad = torch.where(inside[..., None], kv.values[slots], 0).unsqueeze(1)
     mask = inside[:, None, None, :]  # [h, 1, 1, longest]
