@@ -292,6 +292,33 @@ def test_gather_kernel_matches_torch_gather():
     assert [x.shape[0] for x in empty] == [0, 0, 0]
 
 
+def test_ops_evict_and_append_route_a_flat_store_to_the_kernels(monkeypatch):
+    """The wiring the compressed layer and the engine rely on: with the Triton path on
+    (forced here, so the kernels run under the interpreter), ops.evict moves rows with
+    the Triton gather and ops.append_tokens writes with the Triton append; the store
+    ends up as the torch paths leave it."""
+    from kvsqueeze.ops import kv_update
+
+    gen = torch.Generator().manual_seed(12)
+    kv = with_slack(make_store(LENGTHS, 120, torch.float32, seed=12), gen)
+    expected = clone(kv)
+    calls: list[str] = []
+    for name in ("gather_rows_triton", "append_tokens_triton"):
+        module = triton_compact if name.startswith("gather") else triton_append
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    monkeypatch.setattr(kv_update, "use_triton", lambda *tensors: True)
+    keep = torch.rand(kv.num_heads, 110, generator=gen) < 0.5
+    evict(kv, keep)
+    expected.evict(keep)
+    new = torch.randn(kv.num_heads, 2, D, generator=gen)
+    append_tokens(kv, new, new, torch.tensor([300, 301]))
+    expected.append(new, new, torch.tensor([300, 301]))
+    assert calls == ["gather_rows_triton", "append_tokens_triton"]
+    for name in ("keys", "values", "positions", "lengths", "capacity"):
+        assert torch.equal(getattr(kv, name), getattr(expected, name)), name
+
+
 def test_evict_from_indices_then_append_in_place():
     gen = torch.Generator().manual_seed(6)
     kv = with_slack(make_store(LENGTHS, 120, torch.float16, seed=6), gen)
