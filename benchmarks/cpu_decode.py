@@ -46,12 +46,16 @@ def main() -> None:
     input_ids = bench_inputs(tokenizer, args.context, 1, "cpu")
 
     def baseline() -> BenchRow:
-        model.set_attn_implementation("sdpa")
         return measure(model, input_ids, DynamicCache(config=model.config), args.new_tokens, "transformers (sdpa)")
 
     def ours(name: str):
         policy = make_policy(name, keep=args.keep)
-        return lambda: measure(model, input_ids, KVSqueezeCache(model, policy), args.new_tokens, name)
+
+        def run() -> BenchRow:
+            with KVSqueezeCache(model, policy) as cache:
+                return measure(model, input_ids, cache, args.new_tokens, name)
+
+        return run
 
     rows = [best_of(args.repeats, baseline)]
     for name in track(args.policies.split(","), description="policies"):

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from kvsqueeze.cli import app
@@ -379,3 +380,177 @@ def test_mistyped_arguments_get_one_error_line(args, named):
     assert bad.returncode == 2
     lines = bad.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0]
+
+
+# ----------------------------------------------------------------------------- issue 8: CLI surface
+
+
+def run_main(argv: list[str], capsys) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of the console entry point, in-process."""
+    from kvsqueeze.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    captured = capsys.readouterr()
+    return exited.value.code, captured.out, captured.err
+
+
+def assert_one_error_line(code: int, err: str, *words: str) -> None:
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    for word in words:
+        assert word in lines[0], f"{word!r} not in {lines[0]!r}"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["generate", "--model", MODEL, "--policy", "snapkv", "--keep", "0.5", "--window", "0", "--prompt", PROMPT],
+        ["eval", "--model", MODEL, "--policies", "snapkv", "--keep", "0.5", "--lengths", "300", "--window", "0"],
+    ],
+    ids=["generate", "eval"],
+)
+def test_window_zero_is_one_error_line(argv, capsys, tmp_path):
+    if argv[0] == "eval":
+        argv = [*argv, "--out", str(tmp_path / "out")]
+    code, out, err = run_main(argv, capsys)
+    assert_one_error_line(code, err, "window")
+    assert not (tmp_path / "out" / "results.jsonl").exists()
+
+
+def test_binary_prompt_file_error_names_the_file(capsys, tmp_path):
+    path = tmp_path / "weights.bin"
+    path.write_bytes(bytes(range(256)) * 4)
+    code, _, err = run_main(["generate", "--model", MODEL, "--prompt-file", str(path)], capsys)
+    assert_one_error_line(code, err, "weights.bin")
+
+
+def test_random_shape_models_work_in_generate(runner):
+    out = run_json(runner, "--model", "random:smollm2-135m", "--max-new-tokens", "2", "--prompt", "hello there")
+    assert out["prompt_tokens"] == 11 and out["new_tokens"] <= 2
+
+
+def test_chat_is_a_flag_and_chat_true_is_an_error_line(runner, capsys):
+    help_text = runner.invoke(app, ["generate", "--help"], env={"COLUMNS": "200", "TERM": "dumb"}).stdout
+    assert "--chat" in help_text and "--no-chat" in help_text and "<bool>" not in help_text
+    code, _, err = run_main(["generate", "--model", MODEL, "--prompt", "x", "--chat", "true"], capsys)
+    assert_one_error_line(code, err, "true")
+
+
+@pytest.mark.parametrize("command", ["generate", "bench"])
+def test_policy_help_lists_the_policy_names(runner, command):
+    from kvsqueeze.policy import policy_names
+
+    help_text = runner.invoke(app, [command, "--help"], env={"COLUMNS": "400", "TERM": "dumb"}).stdout
+    flat = " ".join(help_text.replace("│", " ").split())
+    for name in policy_names():
+        assert name in flat, name
+
+
+def test_version(capsys):
+    from kvsqueeze import __version__
+
+    code, out, _ = run_main(["--version"], capsys)
+    assert code == 0 and out.strip() == f"kvsqueeze {__version__}"
+
+
+@pytest.mark.parametrize("command", ["generate", "demo", "eval", "bench"])
+def test_every_model_command_has_device_and_dtype(runner, command):
+    help_text = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200", "TERM": "dumb"}).stdout
+    for text in ("--device", "cpu", "cuda", "--dtype", "bf16", "fp16", "fp32"):
+        assert text in help_text, (command, text)
+
+
+def test_dtype_bf16_halves_the_cache(runner):
+    fp32 = run_json(runner, "--dtype", "fp32", "--prompt", PROMPT, "--max-new-tokens", "2")
+    bf16 = run_json(runner, "--dtype", "bf16", "--prompt", PROMPT, "--max-new-tokens", "2")
+    assert bf16["kv_bytes_full"] * 2 == fp32["kv_bytes_full"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("command", ["generate", "demo", "bench", "eval"])
+def test_cuda_without_a_device_is_one_error_line(command, capsys, tmp_path):
+    argv = [command, "--model", MODEL, "--device", "cuda"]
+    argv += {"generate": ["--prompt", "x"], "eval": ["--keep", "0.5", "--lengths", "300", "--out", str(tmp_path)]}.get(
+        command, []
+    )
+    code, _, err = run_main(argv, capsys)
+    assert_one_error_line(code, err, "cuda")
+
+
+def test_policy_progress_names_the_policy_being_run():
+    import io
+
+    from rich.console import Console
+
+    from kvsqueeze.cli.progress import policy_progress
+    from kvsqueeze.policy import make_policy
+
+    file = io.StringIO()
+    console = Console(file=file, force_terminal=True, width=100)
+    policies = [make_policy("snapkv", keep=0.5), make_policy("ada-tova", keep=0.5)]
+    seen = []
+    for policy in policy_progress(policies, console):
+        seen.append((policy.name, file.getvalue().count(f"policy {policy.name}") > 0))
+    assert seen == [("snapkv", True), ("ada-tova", True)]
+
+
+# ----------------------------------------------------------------------------- issue 8: install weight and setup
+
+ROOT = Path(__file__).resolve().parents[1]
+EXTRA_ONLY = ("triton", "ray", "matplotlib", "rapidfuzz", "rouge_score")
+
+
+def test_core_dependencies_leave_heavy_and_eval_packages_to_extras():
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    core = " ".join(project["dependencies"])
+    for package in ("triton", "ray", "matplotlib", "rapidfuzz", "rouge-score"):
+        assert package not in core, package
+    extras = project["optional-dependencies"]
+    assert {"gpu", "ray", "eval", "all", "dev"} <= extras.keys()
+    assert any("triton" in d for d in extras["gpu"]) and any("ray" in d for d in extras["ray"])
+    assert {"pytest", "ruff", "hypothesis"} <= {d.split("[")[0].split("=")[0] for d in extras["dev"]}
+
+
+BLOCK_EXTRAS = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {blocked!r}:
+            raise ImportError("blocked: " + name)
+sys.meta_path.insert(0, Block())
+from kvsqueeze.cli import main
+main(sys.argv[1:])
+"""
+
+
+def test_generate_runs_without_any_extra():
+    """A core install: generate imports none of triton, ray, matplotlib, rapidfuzz, rouge-score."""
+    code = BLOCK_EXTRAS.format(blocked=set(EXTRA_ONLY))
+    argv = ["generate", "--model", MODEL, "--prompt", PROMPT, "--max-new-tokens", "2", "--json"]
+    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["prompt_tokens"] == 360
+
+
+def test_eval_without_its_extra_names_the_extra(capsys, tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "rapidfuzz" else real(name, *a))
+    argv = ["eval", "--model", MODEL, "--keep", "0.5", "--lengths", "300", "--out", str(tmp_path / "o")]
+    code, _, err = run_main(argv, capsys)
+    assert_one_error_line(code, err, "[eval]", "rapidfuzz")
+
+
+def test_setup_script_announces_every_install():
+    """Every pip install in scripts/setup.sh comes right after a line that says what it installs."""
+    lines = [line.strip() for line in (ROOT / "scripts" / "setup.sh").read_text().splitlines()]
+    commands = [line for line in lines if line and not line.startswith("#")]
+    installs = [i for i, line in enumerate(commands) if "pip install" in line]
+    assert installs
+    for i in installs:
+        assert commands[i - 1].startswith("step "), commands[i]

@@ -60,7 +60,8 @@ def cache_bytes(cache: Cache) -> tuple[int, int]:
 
 def measure(model: PreTrainedModel, input_ids: torch.Tensor, cache: Cache, new_tokens: int, label: str) -> BenchRow:
     """Prefill `input_ids` [batch, tokens] into `cache`, then decode `new_tokens` greedy steps.
-    The model must already run with the attention implementation the cache needs."""
+    The model must already run with the attention implementation the cache needs
+    (for our cache: inside `with cache:`)."""
     device = input_ids.device
     with torch.inference_mode(), PeakMemory(device) as peak:
         _sync(device)
@@ -142,9 +143,11 @@ def run_bench(
     bandwidth = measure_bandwidth(device)
     weights = weight_bytes_read_per_step(model)
     # Warm-up: first calls pay for lazy initialisation and allocator growth.
-    measure(model, input_ids[:, : min(context, 256)], KVSqueezeCache(model, built[0]), 2, "warm-up")
+    with KVSqueezeCache(model, built[0]) as cache:
+        measure(model, input_ids[:, : min(context, 256)], cache, 2, "warm-up")
     rows = []
     for policy in each(built):
-        row = measure(model, input_ids, KVSqueezeCache(model, policy), new_tokens, policy.name)
+        with KVSqueezeCache(model, policy) as cache:
+            row = measure(model, input_ids, cache, new_tokens, policy.name)
         rows.append(add_bound(row, weights, bandwidth))
     return rows

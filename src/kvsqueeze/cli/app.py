@@ -36,6 +36,8 @@ class Dtype(StrEnum):
     fp32 = "fp32"
 
 
+# Token counts past 2**31 overflow torch's index math, and no model has such a context.
+MAX_TOKENS = 2**31 - 1
 MODEL_HELP = (
     "smollm2-135m, tiny-random-{llama,qwen2,mistral}, random:{llama-3.1-8b,mistral-7b,qwen2.5-7b,smollm2-135m} "
     "(random weights, real shapes) or a local model folder"
@@ -43,7 +45,9 @@ MODEL_HELP = (
 ModelOption = Annotated[str, typer.Option("--model", help=MODEL_HELP)]
 KeepOption = Annotated[float | None, typer.Option("--keep", help="keep ratio in (0, 1]")]
 TokensOption = Annotated[int | None, typer.Option("--tokens", help="tokens kept per head")]
-WindowOption = Annotated[int, typer.Option("--window", help="observation window / always-kept recent tokens")]
+WindowOption = Annotated[
+    int, typer.Option("--window", max=MAX_TOKENS, help="observation window / always-kept recent tokens")
+]
 AlphaOption = Annotated[float, typer.Option("--alpha", help="Ada-KV safeguard: each head keeps >= alpha x budget")]
 DeviceOption = Annotated[Device, typer.Option("--device", help="where the model runs")]
 DtypeOption = Annotated[Dtype, typer.Option("--dtype", help="weights and KV cache dtype")]
@@ -53,6 +57,10 @@ QuestionAgnosticOption = Annotated[
     bool, typer.Option("--question-agnostic", help="compress the context before the question is seen")
 ]
 DEFAULT_POLICIES = "full,snapkv,ada-snapkv"
+# Bounds that turn a mistyped number into an error instead of a run that never ends
+# (samples) or an overflow deep in torch (seeds are 64-bit there).
+MAX_SAMPLES = 100_000
+MAX_SEED = 2**63 - 1
 
 Command = TypeVar("Command", bound=Callable[..., None])
 
@@ -138,7 +146,7 @@ def generate(
     question_agnostic: QuestionAgnosticOption = False,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 64,
     chat: Annotated[
-        bool, typer.Option("--chat/--no-chat", help="wrap the prompt in the model's chat template")
+        bool, typer.Option("--chat/--no-chat", metavar="", help="wrap the prompt in the model's chat template")
     ] = False,
     device: DeviceOption = Device.cpu,
     dtype: DtypeOption = Dtype.fp32,
@@ -242,8 +250,10 @@ def evaluate(
     tokens: Annotated[str | None, typer.Option("--tokens", help="tokens per head, e.g. 128,256")] = None,
     lengths: Annotated[str | None, typer.Option("--lengths", help="prompt lengths in tokens")] = None,
     depths: Annotated[str, typer.Option("--depths", help="needle depths in [0, 1]")] = "0.1,0.5,0.9",
-    samples: Annotated[int, typer.Option("--samples", help="samples per cell (per dataset for longbench)")] = 1,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
+    samples: Annotated[
+        int, typer.Option("--samples", min=1, max=MAX_SAMPLES, help="samples per cell (per dataset for longbench)")
+    ] = 1,
+    seed: Annotated[int, typer.Option("--seed", min=0, max=MAX_SEED)] = 0,
     question_agnostic: QuestionAgnosticOption = False,
     data: Annotated[Path | None, typer.Option("--data", help="LongBench-format JSONL file")] = None,
     ray: Annotated[
@@ -261,8 +271,6 @@ def evaluate(
     require_extra("eval", "matplotlib", "rapidfuzz", "rouge_score")
     if ray is not None:
         require_extra("ray", "ray")
-    if out.exists() and not out.is_dir():
-        raise KVSqueezeError(f"--out {str(out)!r} is a file; give a folder")
     from kvsqueeze.eval.config import EvalConfig
     from kvsqueeze.eval.runner import run_eval
     from kvsqueeze.hf.models import check_device

@@ -66,7 +66,7 @@ def generate(
     prompt = torch.tensor([context_ids + question_ids], device=device)
     cache = KVSqueezeCache(model, policy)
 
-    with torch.inference_mode():
+    with torch.inference_mode(), cache:
         start = time.perf_counter()
         if question_aware or not question_ids or not context_ids:
             logits = model(prompt, past_key_values=cache, use_cache=True).logits
