@@ -23,13 +23,15 @@ def update_text(seq: Sequence, decode: Callable[[list[int]], str]) -> bool:
 
 def take_delta(seq: Sequence) -> str:
     """Text to stream now: everything new, except (while running) a tail that could
-    still grow into a stop string."""
+    still change: an incomplete UTF-8 character (decoded as U+FFFD until its last byte
+    comes) or the start of a stop string."""
     text = seq.text
     if not seq.is_finished:
+        text = text.rstrip("\ufffd")
         for stop in seq.params.stop:
             for k in range(min(len(stop) - 1, len(text)), 0, -1):
                 if text.endswith(stop[:k]):
-                    text = text[: len(seq.text) - k] if len(text) > len(seq.text) - k else text
+                    text = text[: len(text) - k]
                     break
     delta = text[seq.sent_chars :]
     seq.sent_chars = max(seq.sent_chars, len(text))

@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from kvsqueeze.engine.async_engine import AsyncLLMEngine
+from kvsqueeze.engine.chat_template import apply_chat_template
 from kvsqueeze.engine.output import RequestOutput
 from kvsqueeze.engine.protocol import ChatCompletionRequest, CompletionRequest, _Common
 from kvsqueeze.engine.sampling_params import SamplingParams
@@ -173,7 +174,7 @@ def build_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = Non
     async def chat_completions(body: ChatCompletionRequest):
         messages = [m.model_dump() for m in body.messages]
         try:
-            ids = llm.tokenizer.apply_chat_template(messages)
+            ids = apply_chat_template(llm.tokenizer, messages)
         except ValueError as exc:
             raise APIError(400, str(exc), param="messages") from exc
         params, policy = _prepare(body, ids, body.max_completion_tokens or body.max_tokens)
