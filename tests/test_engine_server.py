@@ -6,6 +6,7 @@ which the block pool is whole."""
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import socket
 import threading
@@ -190,8 +191,6 @@ def test_load_with_cancellations_leaves_the_pool_whole(model_dir):
                     assert r.status_code == 200
                     async for line in r.aiter_lines():
                         if line.startswith("data: {"):
-                            import json
-
                             choice = json.loads(line[6:])["choices"][0]
                             text += choice["text"]
                             finish = choice["finish_reason"] or finish

@@ -208,6 +208,17 @@ class LLMEngine:
         per_token = self.config.num_layers * self.config.num_kv_heads
         return stored, sum(s.num_computed for s in running) * per_token
 
+    def refresh_gauges(self) -> None:
+        """Set the metrics that describe the engine's state now (also after aborts)."""
+        m = self.metrics
+        m.running.set(len(self.scheduler.running))
+        m.waiting.set(len(self.scheduler.waiting))
+        m.blocks_used.set(self.blocks.blocks_in_use())
+        m.blocks_free.set(self.blocks.num_free_blocks)
+        m.preemptions.set(self.scheduler.num_preemptions)
+        stored, full = self.stored_and_full_tokens()
+        m.kv_ratio.set(stored / full if full else 0.0)
+
     def _record(self, chunks: list[ScheduledChunk], new_tokens: int, seconds: float) -> None:
         m = self.metrics
         prompt_tokens = sum(
@@ -216,12 +227,6 @@ class LLMEngine:
         m.prompt_tokens.inc(prompt_tokens)
         m.generation_tokens.inc(new_tokens)
         m.tokens_per_second.set(sum(c.num_tokens for c in chunks) / max(seconds, 1e-9))
-        m.running.set(len(self.scheduler.running))
-        m.waiting.set(len(self.scheduler.waiting))
-        m.blocks_used.set(self.blocks.blocks_in_use())
-        m.blocks_free.set(self.blocks.num_free_blocks)
-        m.preemptions.set(self.scheduler.num_preemptions)
-        stored, full = self.stored_and_full_tokens()
-        m.kv_ratio.set(stored / full if full else 0.0)
+        self.refresh_gauges()
         self.peak_running = max(self.peak_running, len(self.scheduler.running))
         self.peak_stored_bytes = max(self.peak_stored_bytes, self.blocks.blocks_in_use() * self.blocks.block_nbytes)

@@ -9,6 +9,7 @@ request (AsyncLLMEngine.generate's cleanup), so its blocks go back to the pool.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 import time
@@ -70,6 +71,7 @@ def build_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = Non
 
     @app.get("/metrics")
     async def metrics() -> Response:
+        await asyncio.get_running_loop().run_in_executor(None, engine.call, llm.refresh_gauges)
         return Response(llm.metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
