@@ -17,6 +17,7 @@ from kvsqueeze import __version__
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.policy import policy_names
 
+# Flags get metavar="": typer would show them as taking a <bool> value, which they do not.
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -54,7 +55,7 @@ DtypeOption = Annotated[Dtype, typer.Option("--dtype", help="weights and KV cach
 POLICY_NAMES = ", ".join(policy_names())
 PoliciesOption = Annotated[str, typer.Option("--policies", help=f"comma-separated policy names: {POLICY_NAMES}")]
 QuestionAgnosticOption = Annotated[
-    bool, typer.Option("--question-agnostic", help="compress the context before the question is seen")
+    bool, typer.Option("--question-agnostic", metavar="", help="compress the context before the question is seen")
 ]
 DEFAULT_POLICIES = "full,snapkv,ada-snapkv"
 # Bounds that turn a mistyped number into an error instead of a run that never ends
@@ -125,7 +126,7 @@ def _version(value: bool) -> None:
 @app.callback()
 def root(
     version: Annotated[
-        bool, typer.Option("--version", callback=_version, is_eager=True, help="print the version and exit")
+        bool, typer.Option("--version", metavar="", callback=_version, is_eager=True, help="print the version and exit")
     ] = False,
 ) -> None:
     """Per-head KV-cache compression for LLMs."""
@@ -150,7 +151,7 @@ def generate(
     ] = False,
     device: DeviceOption = Device.cpu,
     dtype: DtypeOption = Dtype.fp32,
-    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+    as_json: Annotated[bool, typer.Option("--json", metavar="", help="print one JSON object")] = False,
 ) -> None:
     """Generate with a compressed KV cache and report its memory and speed."""
     pol = _policy(policy, keep, tokens, window, alpha)
@@ -202,7 +203,7 @@ def bench(
     new_tokens: Annotated[int, typer.Option("--new-tokens", help="decode steps timed")] = 32,
     device: DeviceOption = Device.cpu,
     dtype: DtypeOption = Dtype.fp32,
-    as_json: Annotated[bool, typer.Option("--json", help="print a JSON list of rows")] = False,
+    as_json: Annotated[bool, typer.Option("--json", metavar="", help="print a JSON list of rows")] = False,
 ) -> None:
     """Prefill and decode speed, memory and distance to the bandwidth bound, per policy."""
     from kvsqueeze.bench.runner import run_bench
