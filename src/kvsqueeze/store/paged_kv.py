@@ -91,13 +91,10 @@ class PagedKV(KVStore):
         blocks = int(self._num_blocks.sum()) * self.pool.block_nbytes
         return blocks + self._table.numel() * self._table.element_size() + self._lengths.numel() * 8
 
-    def slots(self, index: torch.Tensor) -> torch.Tensor:
-        """Pool slot (block * block_size + offset, in the pool viewed as [blocks *
-        block_size, ...]) of entry index[h, j] of head h, for index [heads, k] of
-        entries inside the head's blocks; other indices give meaningless slots."""
-        return self._slots_of(torch.arange(self.num_heads, device=index.device)[:, None], index)
-
     def _slots_of(self, heads: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Pool slot (block * block_size + offset, in the pool viewed as [blocks *
+        block_size, ...]) of entry index[i] of head heads[i], for entries inside the
+        head's blocks (other indices give meaningless slots)."""
         table = self.block_table
         column = (index // self.block_size).clamp(0, max(table.shape[1] - 1, 0))
         return table[heads, column].long() * self.block_size + index % self.block_size
