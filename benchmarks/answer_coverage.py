@@ -18,6 +18,7 @@ import torch
 from kvsqueeze.eval.answer import greedy, stop_ids
 from kvsqueeze.eval.tasks import TaskRequest, get_task
 from kvsqueeze.eval.unit import loaded
+from kvsqueeze.hf import use_kvsqueeze_attention
 from kvsqueeze.hf.prefill import record_prefill
 from kvsqueeze.policy import make_policy
 
@@ -44,7 +45,7 @@ def main() -> None:
     start = next(i for i in range(len(prompt)) if prompt[i : i + len(answer)] == answer)
     span = range(start - MARGIN, start + len(answer) + MARGIN)
     print(f"{sample.task}: answer {sample.answers[0]!r} = {len(answer)} tokens at {start} of {len(prompt)}")
-    with torch.inference_mode():
+    with torch.inference_mode(), use_kvsqueeze_attention(model):
         record = record_prefill(model, torch.tensor([prompt], device=model.device))
         for spec in args.policy or ["snapkv:0.2"]:
             name, _, keep = spec.partition(":")
@@ -53,8 +54,7 @@ def main() -> None:
             for i, layer in enumerate(cache.layers):
                 kv, maps = layer.compressed.store, []
                 for h in range(kv.num_heads):
-                    first, n = int(kv.starts[h]), int(kv.lengths[h])
-                    kept = set(kv.positions[first : first + n].tolist())
+                    kept = set(kv.head(h)[2].tolist())
                     maps.append("".join("x" if p in kept else "." for p in span))
                 print(f"  layer {i:2d}  " + "  ".join(maps))
             said = greedy(model, cache, record.last_logits, sample.max_new_tokens, stop_ids(model))

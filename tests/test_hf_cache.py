@@ -7,6 +7,7 @@ exactly the prefill entries the compressed cache evicted.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -130,9 +131,11 @@ def kept_from_store(cache: KVSqueezeCache, batch: int, prefill_len: int) -> dict
 
 
 def greedy(model, ids, am, cache, new_tokens: int) -> torch.Tensor:
-    return model.generate(
-        ids, attention_mask=am, past_key_values=cache, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0
-    )
+    scope = cache if isinstance(cache, KVSqueezeCache) else contextlib.nullcontext()
+    with scope:
+        return model.generate(
+            ids, attention_mask=am, past_key_values=cache, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0
+        )
 
 
 def plain_generate(model, ids, am, new_tokens: int, cache: DynamicCache | None = None) -> torch.Tensor:
@@ -155,7 +158,7 @@ def assert_matches_oracle(
     ref = model(ids, attention_mask=am, position_ids=pos, past_key_values=ref_cache).logits
 
     cache = KVSqueezeCache(model, policy)
-    assert model.config._attn_implementation == ATTENTION_NAME
+    model.set_attn_implementation(ATTENTION_NAME)
     out = model(ids, attention_mask=am, position_ids=pos, past_key_values=cache).logits
     # Prefill attention is dense: every real position equals the plain model.
     torch.testing.assert_close(out[:, -1], ref[:, -1], atol=ATOL, rtol=0)
@@ -279,6 +282,7 @@ def test_oracle_mha_and_max_group_reduce():
 # --------------------------------------------------------------------------- 3. memory
 def _prefill(model, policy, ids, am) -> KVSqueezeCache:
     cache = KVSqueezeCache(model, policy)
+    model.set_attn_implementation(ATTENTION_NAME)  # the explicit, lasting switch (tests below reuse it)
     with torch.no_grad():
         model(ids, attention_mask=am, position_ids=positions_from(am), past_key_values=cache)
     return cache
@@ -437,7 +441,7 @@ def test_4d_mask_rejected_through_model():
     ids = make_batch([20], seed=15)[0]
     cache = KVSqueezeCache(model, make_policy("snapkv", keep=0.25, window=4))
     mask4 = torch.ones(1, 1, 20, 20, dtype=torch.bool).tril()
-    with pytest.raises(ValueError, match="2D padding mask"):
+    with cache, pytest.raises(ValueError, match="2D padding mask"):
         model(ids, attention_mask=mask4, past_key_values=cache)
 
 
@@ -445,7 +449,7 @@ def test_beam_search_is_refused():
     model = tiny_model("llama")
     ids, am = make_batch([20, 25], seed=16)
     cache = KVSqueezeCache(model, make_policy("snapkv", keep=0.25, window=4))
-    with pytest.raises(NotImplementedError, match="beam search"):
+    with cache, pytest.raises(NotImplementedError, match="beam search"):
         model.generate(
             ids,
             attention_mask=am,
@@ -455,3 +459,22 @@ def test_beam_search_is_refused():
             do_sample=False,
             pad_token_id=0,
         )
+
+
+# --------------------------------------------------------------------------- 7. the attention switch is scoped
+def test_the_cache_switches_attention_only_inside_its_block():
+    model = tiny_model("llama")
+    model.set_attn_implementation("sdpa")
+    ids, am = make_batch([30], seed=17)
+    cache = KVSqueezeCache(model, make_policy("snapkv", keep=0.25, window=4))
+    assert model.config._attn_implementation == "sdpa"  # constructing switches nothing
+    with pytest.raises(RuntimeError, match="with cache:"):
+        model(ids, attention_mask=am, past_key_values=cache)
+    cache = KVSqueezeCache(model, make_policy("snapkv", keep=0.25, window=4))
+    with cache:
+        assert model.config._attn_implementation == ATTENTION_NAME
+        out = model.generate(ids, attention_mask=am, past_key_values=cache, max_new_tokens=3, do_sample=False)
+    assert model.config._attn_implementation == "sdpa"  # restored
+    assert out.shape[1] == 33
+    plain = model.generate(ids, attention_mask=am, max_new_tokens=3, do_sample=False)  # the model is as before
+    assert plain.shape[1] == 33

@@ -4,7 +4,7 @@ that policy builds: same kept entries, same bytes, same logits afterwards."""
 import pytest
 import torch
 
-from kvsqueeze.hf import KVSqueezeCache
+from kvsqueeze.hf import KVSqueezeCache, use_kvsqueeze_attention
 from kvsqueeze.hf.prefill import record_prefill
 from kvsqueeze.hf.tiny import tiny_model
 from kvsqueeze.policy import make_policy
@@ -41,7 +41,7 @@ def setup(request):
 def test_record_matches_a_fresh_run(setup, name, budget):
     model, prompt, record = setup
     policy = make_policy(name, **budget)
-    with torch.inference_mode():
+    with torch.inference_mode(), use_kvsqueeze_attention(model):
         fresh = KVSqueezeCache(model, policy)
         first = model(prompt, past_key_values=fresh, use_cache=True).logits[:, -1]
         expected = decode(model, fresh, first)

@@ -66,7 +66,7 @@ def prefill_stats(smollm2, prompt_ids):
     def get(name: str) -> tuple[int, int, int]:
         if name not in stats:
             cache = KVSqueezeCache(model, make_policy(name, keep=KEEP))
-            with torch.inference_mode():
+            with torch.inference_mode(), cache:
                 model(prompt_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
             stats[name] = (cache.nbytes, cache.full_nbytes, cache.stored_tokens())
         return stats[name]

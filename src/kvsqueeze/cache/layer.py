@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from kvsqueeze.ops import append_tokens, dense_causal_attention, policy_scores, ragged_attention
+from kvsqueeze.ops import append_tokens, attend, dense_causal_attention, policy_scores
 from kvsqueeze.policy import Policy, ScoreInput
 from kvsqueeze.store import FlatKV
 from kvsqueeze.store.base import KVStore
@@ -132,7 +132,7 @@ class CompressedLayer:
         head_valid = None if valid is None else valid.repeat_interleave(hkv, dim=0)
         append_tokens(self.store, keys.flatten(0, 1), values.flatten(0, 1), positions, head_valid)
         grouped = query.reshape(b * hkv, hq // hkv, q_len, d)
-        out = ragged_attention(grouped, self.store, positions.expand(b * hkv, q_len), scaling, sliding_window)
+        out = attend(grouped, self.store, positions.expand(b * hkv, q_len), scaling, sliding_window)
         added = q_len if valid is None else valid.sum(dim=-1)
         self.real_tokens = self.real_tokens + added
         self.seen += q_len

@@ -13,6 +13,7 @@ from kvsqueeze.eval.answer import greedy, stop_ids, token_logprobs
 from kvsqueeze.eval.metrics import score
 from kvsqueeze.eval.prompt import PromptFormat
 from kvsqueeze.eval.sample import Sample
+from kvsqueeze.hf.cache import use_kvsqueeze_attention
 from kvsqueeze.hf.prefill import PrefillRecord, record_prefill
 from kvsqueeze.policy import Policy
 
@@ -53,7 +54,7 @@ def evaluate_sample(
         return sample.single_line and "\n" in fmt.tokenizer.decode(tokens, skip_special_tokens=True).lstrip()
 
     rows = []
-    with torch.inference_mode():
+    with torch.inference_mode(), use_kvsqueeze_attention(model):
         record = record_prefill(model, torch.tensor([prompt], device=model.device))
         for policy in policies:
             cache, measured = _compress(model, record, policy)
@@ -85,7 +86,7 @@ def evaluate_sample(
 def _perplexity_rows(model: PreTrainedModel, fmt: PromptFormat, sample: Sample, policies: list[Policy]) -> list[dict]:
     context_ids, continuation_ids = fmt.tokens(sample.context), fmt.tokens(sample.continuation)
     rows = []
-    with torch.inference_mode():
+    with torch.inference_mode(), use_kvsqueeze_attention(model):
         record = record_prefill(model, torch.tensor([context_ids], device=model.device))
         for policy in policies:
             cache, measured = _compress(model, record, policy)

@@ -139,9 +139,6 @@ class KVSqueezeCache(Cache):
         self.policy = policy
         self.model = model if isinstance(model, PreTrainedModel) else None
         self._scopes: list = []
-        # TRANSITION: removed once every caller uses `with cache:`.
-        if self.model is not None and self.model.config._attn_implementation != ATTENTION_NAME:
-            self.model.set_attn_implementation(ATTENTION_NAME)
 
     def __enter__(self) -> KVSqueezeCache:
         if self.model is None:
