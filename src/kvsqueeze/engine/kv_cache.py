@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from kvsqueeze.engine.block_manager import BlockManager
 from kvsqueeze.engine.scheduler import ScheduledChunk
 from kvsqueeze.ops import dense_causal_attention, policy_scores
-from kvsqueeze.ops.ragged_attention import visible
+from kvsqueeze.ops.padded_attention import padded_attention
 from kvsqueeze.policy import ScoreInput
 from kvsqueeze.store import BlockPool, PagedKV
 
@@ -147,14 +147,8 @@ def _gathered_attention(
     window: int | None,
 ) -> torch.Tensor:
     """Attention of query [rows, group, q, d] at query_positions [rows, q] over the pool
-    entries slots[rows, L] (live[rows, L] marks real ones), in the query's dtype: the
-    pool may store K/V in 16 bits while the model computes in fp32."""
-    rows, g, q, d = query.shape
-    keys = pool.keys.view(-1, d)[slots].to(query.dtype)
-    values = pool.values.view(-1, d)[slots].to(query.dtype)
-    allowed = live[:, None, :] & visible(pool.positions.view(-1)[slots], query_positions, window)  # [rows, q, L]
-    mask = allowed.repeat(1, g, 1)[:, None]  # [rows, 1, g * q, L]
-    out = F.scaled_dot_product_attention(
-        query.reshape(rows, 1, g * q, d), keys[:, None], values[:, None], attn_mask=mask, scale=scaling
-    )
-    return out.view(rows, g, q, d)
+    entries slots[rows, L] (live[rows, L] marks real ones)."""
+    d = query.shape[-1]
+    keys, values = pool.keys.view(-1, d)[slots], pool.values.view(-1, d)[slots]
+    positions = pool.positions.view(-1)[slots]
+    return padded_attention(query, keys, values, positions, live, query_positions, scaling, window)

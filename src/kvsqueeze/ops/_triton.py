@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -34,8 +35,25 @@ def triton_available() -> bool:
 
 
 def use_triton(*tensors: torch.Tensor) -> bool:
-    """Whether a dispatcher should take the Triton path for these tensors."""
-    return all(t.is_cuda for t in tensors) and triton_available()
+    """Whether a dispatcher should take the Triton path for these tensors. CUDA tensors
+    without a working triton take the torch references, which are much slower on a GPU:
+    that is said once, not silently."""
+    if not all(t.is_cuda for t in tensors):
+        return False
+    if triton_available():
+        return True
+    _warn_no_triton()
+    return False
+
+
+@functools.cache
+def _warn_no_triton() -> None:
+    warnings.warn(
+        "triton is not importable: kvsqueeze's GPU kernels are off and CUDA attention takes the slow "
+        "torch reference; install the [gpu] extra",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 _twins: dict[int, tuple[Any, Any]] = {}

@@ -11,10 +11,10 @@ benchmarks/paged_decode.py). Heads shorter than the longest are masked.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from kvsqueeze.ops._triton import use_triton
-from kvsqueeze.ops.ragged_attention import visible
+from kvsqueeze.ops.padded_attention import padded_attention
+from kvsqueeze.ops.ragged_attention import needs_mask
 from kvsqueeze.store import PagedKV
 
 
@@ -42,19 +42,6 @@ def paged_attention_reference(
     sliding_window: int | None = None,
 ) -> torch.Tensor:
     """paged_attention in plain torch on any device: one SDPA over the padded gather."""
-    h, g, q, d = query.shape
     keys, values, positions, live = kv.padded()
-    if keys.shape[1] == 0:
-        return query.new_zeros(query.shape)
-    masked = sliding_window is not None or q > 1 or int(positions[live].max()) > int(query_positions.min())
-    mask = live[:, None, :]  # [heads, 1, L]: the padding
-    if masked:
-        mask = (mask & visible(positions, query_positions, sliding_window)).repeat(1, g, 1)  # rows (group, q)
-    # Rows that see nothing (an empty head, or everything after the query) would give NaN:
-    # let them see everything, then zero them.
-    blind = ~mask.any(dim=-1, keepdim=True)
-    attn_mask = None if bool(live.all()) and not masked else (mask | blind)[:, None]
-    out = F.scaled_dot_product_attention(
-        query.reshape(h, 1, g * q, d), keys[:, None], values[:, None], attn_mask=attn_mask, scale=scaling
-    )
-    return out.masked_fill(blind[:, None], 0.0).view(h, g, q, d)
+    masked = needs_mask(kv, query_positions, sliding_window)
+    return padded_attention(query, keys, values, positions, live, query_positions, scaling, sliding_window, masked)

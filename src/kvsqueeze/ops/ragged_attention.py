@@ -7,7 +7,8 @@ nothing is padded. For FlatKV the runs are views into the store: no copy of the 
 is made.
 
 On CUDA, a decode step (one query per head) over a FlatKV goes to the Triton kernel in
-triton_decode.py when triton is installed; everything else takes the reference.
+triton_decode.py when triton is installed, and a multi-token chunk to one batched SDPA
+over a padded gather (padded_attention.py); everything else takes the reference.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from kvsqueeze.ops._triton import use_triton
+from kvsqueeze.ops.padded_attention import padded_attention, visible
 from kvsqueeze.store import FlatKV, KVStore
 
 
@@ -37,6 +39,11 @@ def ragged_attention(
         from kvsqueeze.ops.triton_decode import ragged_decode_attention
 
         return ragged_decode_attention(query, kv, scaling, query_positions, sliding_window)
+    if isinstance(kv, FlatKV) and query.is_cuda:
+        # A multi-token chunk (a question, a continued prompt): one batched call over a
+        # padded gather, not a launch and a host sync per head.
+        keys, values, positions, live = kv.padded()
+        return padded_attention(query, keys, values, positions, live, query_positions, scaling, sliding_window)
     return ragged_attention_reference(query, kv, query_positions, scaling, sliding_window)
 
 
@@ -76,13 +83,3 @@ def ragged_attention_reference(
         res = F.scaled_dot_product_attention(rows, keys[None], values[None], attn_mask=mask, scale=scaling)
         out[head] = res.view(g, q, d)
     return out
-
-
-def visible(positions: torch.Tensor, query_positions: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
-    """[..., q, n]: which entries at positions [..., n] a query at query_positions
-    [..., q] sees: those not after it, and inside the sliding window if there is one."""
-    pos, q_pos = positions.long()[..., None, :], query_positions.long()[..., :, None]
-    allowed = pos <= q_pos
-    if sliding_window is not None:
-        allowed &= q_pos - pos < sliding_window
-    return allowed

@@ -123,6 +123,15 @@ class FlatKV(KVStore):
         """Buffer slot of entry index[h, j] of head h's run, for index [heads, k]."""
         return self.starts[:, None] + index
 
+    def padded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(keys [heads, L, d], values [heads, L, d], positions [heads, L], live [heads, L]):
+        every head's entries gathered and padded to the longest head L (a copy)."""
+        longest = int(self._lengths.max()) if self.num_heads else 0
+        index = torch.arange(longest, device=self.keys.device)[None, :].expand(self.num_heads, longest)
+        live = index < self._lengths[:, None]
+        slots = torch.where(live, self.slots(index), 0)
+        return self.keys[slots], self.values[slots], self.positions[slots], live
+
     def head(self, h: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(keys, values, positions) of head h's live entries, as views."""
         start, length = int(self.starts[h]), int(self._lengths[h])
