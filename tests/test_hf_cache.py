@@ -478,3 +478,18 @@ def test_the_cache_switches_attention_only_inside_its_block():
     assert out.shape[1] == 33
     plain = model.generate(ids, attention_mask=am, max_new_tokens=3, do_sample=False)  # the model is as before
     assert plain.shape[1] == 33
+
+
+def test_nbytes_follows_a_second_generate():
+    model = tiny_model("llama")
+    ids = make_batch([200], seed=18)[0]
+    cache = KVSqueezeCache(model, make_policy("snapkv", keep=0.25, window=4))
+    per_token = 2 * 16 * 4  # keys and values of one head, fp32, head_dim 16
+    with cache:
+        first = model.generate(ids, past_key_values=cache, max_new_tokens=5, do_sample=False)
+        before, stored_before = cache.nbytes, cache.stored_tokens()
+        more = torch.cat([first, make_batch([100], seed=19)[0]], dim=-1)
+        model.generate(more, past_key_values=cache, max_new_tokens=5, do_sample=False)
+    assert cache.stored_tokens() == stored_before + (100 + 5) * 2 * len(cache.layers)  # 2 kv heads
+    assert cache.nbytes > before
+    assert cache.stored_tokens() * per_token <= cache.nbytes <= 1.2 * cache.stored_tokens() * per_token
