@@ -142,3 +142,29 @@ def test_bad_requests_are_refused_and_the_engine_keeps_working(saved):
         engine.policy_for(None, 1.5, None)
     out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True), use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 3
+
+
+@pytest.mark.parametrize("name", ["snapkv", "ada-snapkv", "streamingllm", "tova"])
+def test_decode_time_eviction_keeps_every_head_under_the_cap(tmp_path_factory, name):
+    _, path = _saved("llama", tmp_path_factory)
+    cap = 40
+    llm = LLM(str(path), policy=name, keep=0.5, window=WINDOW, dtype="fp32", max_kv_tokens=cap)
+    engine = llm.engine
+    seqs = [
+        engine.add_request(p, SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True))
+        for p in _prompts([30, 120])
+    ]
+    peak = 0
+    while engine.has_unfinished():
+        engine.step()
+        for s in seqs:
+            for layer in range(3):
+                kv = engine.blocks.layer(s.seq_id, layer)
+                if kv is not None and not s.in_prefill:
+                    peak = max(peak, int(kv.lengths.max()))
+                    assert int(kv.lengths.max()) <= cap
+    assert peak > cap - cap // 8  # it did grow to the cap and was cut back
+    assert all(len(s.output_token_ids) == 60 for s in seqs)
+    assert engine.blocks.is_whole()
+    with pytest.raises(ValueError, match="max_kv_tokens"):
+        engine.add_request([5, 6], SamplingParams(), engine.policy_for("full", None, None), max_kv_tokens=64)

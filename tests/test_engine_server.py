@@ -144,6 +144,8 @@ def test_per_request_policy(served, client):
         ({"prompt": [1, 2, 99999]}, 400, "token ids"),
         ({"prompt": "hi", "model": "other"}, 404, "does not exist"),
         ({"max_tokens": 3}, 400, "prompt"),
+        ({"prompt": "hi", "kv_policy": "full", "kv_max_tokens": 64}, 400, "max_kv_tokens"),
+        ({"prompt": "hi", "kv_max_tokens": 3}, 400, "max_kv_tokens"),
     ],
 )
 def test_bad_requests_get_openai_errors(served, body, status, needle):

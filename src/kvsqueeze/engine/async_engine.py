@@ -12,13 +12,40 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 from kvsqueeze.engine.llm_engine import LLMEngine
 from kvsqueeze.engine.output import RequestOutput
 from kvsqueeze.engine.sampling_params import SamplingParams
 from kvsqueeze.policy import Policy
+
+
+class RequestStream:
+    """One request's outputs as they come. `aclose()` before the end aborts it, and its
+    blocks return to the pool on the engine's next turn."""
+
+    def __init__(self, engine: AsyncLLMEngine, seq_id: int, outputs: asyncio.Queue) -> None:
+        self.engine, self.seq_id, self.outputs = engine, seq_id, outputs
+        self.finished = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        item = await self.outputs.get()
+        if isinstance(item, BaseException):
+            self.finished = True
+            raise item
+        self.finished = item.finished
+        return item
+
+    async def aclose(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self.engine.abort(self.seq_id)
 
 
 class AsyncLLMEngine:
@@ -52,31 +79,28 @@ class AsyncLLMEngine:
             raise value
         return value
 
-    async def generate(
-        self, prompt_token_ids: list[int], params: SamplingParams, policy: Policy | None = None
-    ) -> AsyncIterator[RequestOutput]:
-        """Outputs of one request as they come; leaving the loop early aborts it."""
+    async def add(
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        policy: Policy | None = None,
+        max_kv_tokens: int | None = None,
+    ) -> RequestStream:
+        """Queue a request (bad input raises here, before anything streams) and return
+        its outputs as an async iterator; closing it early aborts the request."""
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue = asyncio.Queue()
-        seq = await loop.run_in_executor(
-            None, self.call, lambda: self._add(prompt_token_ids, params, policy, loop, outputs)
-        )
-        finished = False
-        try:
-            while not finished:
-                item = await outputs.get()
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                yield item
-        finally:
-            if not finished:
-                self._commands.put(lambda: self._abort(seq.seq_id))
 
-    def _add(self, prompt, params, policy, loop, outputs):
-        seq = self.engine.add_request(prompt, params, policy)
-        self._streams[seq.seq_id] = (loop, outputs)
-        return seq
+        def add() -> int:
+            seq = self.engine.add_request(prompt_token_ids, params, policy, max_kv_tokens)
+            self._streams[seq.seq_id] = (loop, outputs)
+            return seq.seq_id
+
+        seq_id = await loop.run_in_executor(None, self.call, add)
+        return RequestStream(self, seq_id, outputs)
+
+    def abort(self, seq_id: int) -> None:
+        self._commands.put(lambda: self._abort(seq_id))
 
     def _abort(self, seq_id: int) -> None:
         self._streams.pop(seq_id, None)

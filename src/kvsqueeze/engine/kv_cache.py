@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from kvsqueeze.engine.block_manager import BlockManager
+from kvsqueeze.engine.decode_eviction import evict_over_cap
 from kvsqueeze.engine.scheduler import ScheduledChunk
 from kvsqueeze.ops import dense_causal_attention, policy_scores
 from kvsqueeze.ops.padded_attention import padded_attention
@@ -35,6 +36,7 @@ class PagedCompressedCache:
         self.num_layers = blocks.num_layers
         self.chunks: list[ScheduledChunk] = []
         self._prompt_queries: dict[tuple[int, int], list[torch.Tensor]] = {}  # (seq, layer) -> [n, hq, d] chunks
+        self._recent: dict[tuple[int, int], torch.Tensor] = {}  # (seq, layer) -> last queries [hq, w, d]
         blocks.on_free.append(self._forget)
 
     def begin_step(self, chunks: list[ScheduledChunk]) -> None:
@@ -48,13 +50,14 @@ class PagedCompressedCache:
     def _forget(self, seq_id: int) -> None:
         for layer in range(self.num_layers):
             self._prompt_queries.pop((seq_id, layer), None)
+            self._recent.pop((seq_id, layer), None)
 
     def attend(
         self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: object = None
     ) -> torch.Tensor:
         """q [T, q_heads, d], k/v [T, kv_heads, d] for the step's flat tokens; returns [T, q_heads, d]."""
         out = torch.empty_like(q)
-        decode: list[tuple[int, PagedKV, int]] = []  # (token offset, store, position)
+        decode: list[tuple[int, PagedKV, ScheduledChunk]] = []  # (token offset, store, chunk)
         offset = 0
         for chunk in self.chunks:
             n, seq_id = chunk.num_tokens, chunk.seq.seq_id
@@ -62,15 +65,32 @@ class PagedCompressedCache:
             store = self.blocks.layer(seq_id, layer_idx)
             if n == 1 and store is not None and not chunk.ends_prompt:
                 store.append(k[span].transpose(0, 1), v[span].transpose(0, 1), torch.tensor([chunk.start]))
-                decode.append((offset, store, chunk.start))
+                decode.append((offset, store, chunk))
             else:
                 out[span] = self._chunk(layer_idx, chunk, q[span], k[span], v[span], store)
             offset += n
         if decode:
             rows = torch.tensor([o for o, _, _ in decode])
-            stores, positions = [s for _, s, _ in decode], [p for _, _, p in decode]
+            stores, positions = [s for _, s, _ in decode], [c.start for _, _, c in decode]
             out[rows] = self._decode(q[rows], stores, positions, self.sliding_windows[layer_idx])
+            for row, store, chunk in decode:
+                self._bound(layer_idx, chunk, store, q[row : row + 1])
         return out
+
+    def _bound(self, layer_idx: int, chunk: ScheduledChunk, store: PagedKV, queries: torch.Tensor) -> None:
+        """Decoding under a per-head cap: remember the recent queries and evict from heads
+        that pass the cap (decode_eviction.py)."""
+        seq = chunk.seq
+        if seq.max_kv_tokens is None:
+            return
+        key = (seq.seq_id, layer_idx)
+        recent = queries.transpose(0, 1)  # [hq, n, d]
+        if key in self._recent:
+            recent = torch.cat([self._recent[key], recent], dim=1)
+        self._recent[key] = recent[:, -seq.policy.window :]
+        evict_over_cap(
+            seq.policy, layer_idx, self.num_layers, store, self._recent[key], seq.max_kv_tokens, self.scaling
+        )
 
     def _chunk(
         self,
@@ -102,7 +122,11 @@ class PagedCompressedCache:
             key = (chunk.seq.seq_id, layer_idx)
             self._prompt_queries.setdefault(key, []).append(q)
             if chunk.ends_prompt:
-                self._compress(layer_idx, chunk, store, torch.cat(self._prompt_queries.pop(key)))
+                queries = torch.cat(self._prompt_queries.pop(key))
+                self._compress(layer_idx, chunk, store, queries)
+                self._bound(layer_idx, chunk, store, queries)
+        elif not in_prompt:  # a recomputed sequence's generated tokens, fed back as one chunk
+            self._bound(layer_idx, chunk, store, q)
         return out.transpose(0, 1)
 
     def _compress(self, layer_idx: int, chunk: ScheduledChunk, store: PagedKV, queries: torch.Tensor) -> None:

@@ -59,6 +59,7 @@ class EngineArgs:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     block_size: int = 16
+    max_kv_tokens: int | None = None  # per-head cap while decoding; the policy evicts past it
 
 
 class LLMEngine:
@@ -107,8 +108,13 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ requests
     def add_request(
-        self, prompt: str | list[int], params: SamplingParams | None = None, policy: Policy | None = None
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        policy: Policy | None = None,
+        max_kv_tokens: int | None = None,
     ) -> Sequence:
+        """Queue a request; `policy` and `max_kv_tokens` override the engine's for it."""
         params = params or SamplingParams()
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
@@ -124,7 +130,8 @@ class LLMEngine:
                 f"a {len(ids)}-token prompt with max_tokens {params.max_tokens} needs up to {worst} KV blocks "
                 f"before compression, the pool has {self.blocks.num_blocks}: give more kv memory"
             )
-        seq = Sequence(ids, params, policy or self.default_policy)
+        cap = max_kv_tokens if max_kv_tokens is not None else self.args.max_kv_tokens
+        seq = Sequence(ids, params, policy or self.default_policy, max_kv_tokens=cap)
         self.seqs[seq.seq_id] = seq
         self.scheduler.add(seq)
         return seq

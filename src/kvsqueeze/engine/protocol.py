@@ -23,6 +23,7 @@ class _Common(BaseModel):
     kv_policy: str | None = None
     kv_keep: float | None = None
     kv_tokens: int | None = None
+    kv_max_tokens: int | None = None  # per-head cap while decoding
 
 
 class CompletionRequest(_Common):

@@ -45,10 +45,19 @@ class Sequence:
     finish_time: float | None = None
     num_preemptions: int = 0
     generator: torch.Generator | None = None
+    max_kv_tokens: int | None = None  # per-head cap while decoding (None: no eviction after the prompt)
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:
             raise ValueError("empty prompt: a request needs at least one token")
+        if self.max_kv_tokens is not None:
+            if not self.policy.compresses:
+                raise ValueError(f"max_kv_tokens needs a policy that scores tokens; {self.policy.name!r} keeps all")
+            if self.max_kv_tokens < max(16, 2 * self.policy.window):
+                raise ValueError(
+                    f"max_kv_tokens={self.max_kv_tokens} leaves no room beside the window of {self.policy.window}: "
+                    f"use at least {max(16, 2 * self.policy.window)}"
+                )
         if self.params.seed is not None:
             self.generator = torch.Generator().manual_seed(self.params.seed)
 

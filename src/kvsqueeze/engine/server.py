@@ -20,9 +20,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from kvsqueeze.engine.async_engine import AsyncLLMEngine
+from kvsqueeze.engine.async_engine import AsyncLLMEngine, RequestStream
 from kvsqueeze.engine.chat_template import apply_chat_template
-from kvsqueeze.engine.output import RequestOutput
 from kvsqueeze.engine.protocol import ChatCompletionRequest, CompletionRequest, _Common
 from kvsqueeze.engine.sampling_params import SamplingParams
 
@@ -121,13 +120,17 @@ def build_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = Non
     async def _respond(body: _Common, prompt_ids: list[int], params, policy, chat: bool):
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())
-        stream = engine.generate(prompt_ids, params, policy)
+        try:
+            stream = await engine.add(prompt_ids, params, policy, body.kv_max_tokens)
+        except ValueError as exc:
+            raise APIError(400, str(exc)) from exc
         if body.stream:
             return StreamingResponse(_sse(rid, created, stream, chat), media_type="text/event-stream")
-        final: RequestOutput | None = None
-        async for final in stream:  # noqa: B007  (the last output is the result)
-            pass
-        out = final.outputs[0]
+        try:
+            outputs = [item async for item in stream]
+        finally:
+            await stream.aclose()
+        out = outputs[-1].outputs[0]
         choice = {"index": 0, "finish_reason": out.finish_reason, "logprobs": None}
         if chat:
             choice["message"] = {"role": "assistant", "content": out.text}
@@ -141,7 +144,7 @@ def build_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = Non
         kind = "chat.completion" if chat else "text_completion"
         return {"id": rid, "object": kind, "created": created, "model": model_name, "choices": [choice], "usage": usage}
 
-    async def _sse(rid: str, created: int, stream: AsyncIterator[RequestOutput], chat: bool) -> AsyncIterator[str]:
+    async def _sse(rid: str, created: int, stream: RequestStream, chat: bool) -> AsyncIterator[str]:
         kind = "chat.completion.chunk" if chat else "text_completion"
         first = True
         try:
