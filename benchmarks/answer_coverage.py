@@ -15,10 +15,10 @@ import argparse
 
 import torch
 
-from kvsqueeze.eval.answer import greedy, stop_ids
 from kvsqueeze.eval.tasks import TaskRequest, get_task
 from kvsqueeze.eval.unit import loaded
 from kvsqueeze.hf import use_kvsqueeze_attention
+from kvsqueeze.hf.decode import greedy, stop_ids
 from kvsqueeze.hf.prefill import record_prefill
 from kvsqueeze.policy import make_policy
 

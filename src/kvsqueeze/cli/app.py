@@ -49,7 +49,9 @@ TokensOption = Annotated[int | None, typer.Option("--tokens", help="tokens kept 
 WindowOption = Annotated[
     int, typer.Option("--window", max=MAX_TOKENS, help="observation window / always-kept recent tokens")
 ]
-AlphaOption = Annotated[float, typer.Option("--alpha", help="Ada-KV safeguard: each head keeps >= alpha x budget")]
+AlphaOption = Annotated[
+    float, typer.Option("--alpha", help="Ada-KV safeguard: each head keeps >= window + alpha x (budget - window)")
+]
 DeviceOption = Annotated[Device, typer.Option("--device", help="where the model runs")]
 DtypeOption = Annotated[Dtype, typer.Option("--dtype", help="weights and KV cache dtype")]
 POLICY_NAMES = ", ".join(policy_names())

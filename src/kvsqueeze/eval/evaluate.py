@@ -9,11 +9,12 @@ import time
 import torch
 from transformers import PreTrainedModel
 
-from kvsqueeze.eval.answer import greedy, stop_ids, token_logprobs
+from kvsqueeze.eval.answer import token_logprobs
 from kvsqueeze.eval.metrics import score
 from kvsqueeze.eval.prompt import PromptFormat
 from kvsqueeze.eval.sample import Sample
 from kvsqueeze.hf.cache import use_kvsqueeze_attention
+from kvsqueeze.hf.decode import greedy, stop_ids
 from kvsqueeze.hf.prefill import PrefillRecord, record_prefill
 from kvsqueeze.policy import Policy
 

@@ -122,6 +122,20 @@ def load_model(
     return model, tokenizer
 
 
+def model_folder(name: str) -> Path:
+    """A Hugging Face model folder for `name`: the embedded model (converted on first
+    use) or an existing folder. The serving engine loads folders, not presets."""
+    if name == DEFAULT_MODEL:
+        return smollm2_path()
+    path = Path(name)
+    if not (path / "config.json").is_file():
+        raise KVSqueezeError(
+            f"model {name!r} is neither {DEFAULT_MODEL} nor a Hugging Face model folder (with config.json); "
+            "the engine runs Llama, Mistral and Qwen2 folders"
+        )
+    return path
+
+
 def max_context(model: PreTrainedModel) -> int:
     """The longest sequence the model's positions allow."""
     return int(model.config.get_text_config().max_position_embeddings)

@@ -1,0 +1,65 @@
+"""`kvsqueeze bench-engine` and `kvsqueeze serve` from the command line: a real (small)
+engine benchmark on a tiny model folder, and bad input as one `error:` line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from kvsqueeze.cli import main
+from kvsqueeze.hf.tiny import byte_tokenizer, tiny_model
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    model = tiny_model("llama", max_positions=512, seed=2)
+    path = tmp_path_factory.mktemp("cli-engine")
+    model.save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+def run(argv, capsys) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as done:
+        main(argv)
+    out = capsys.readouterr()
+    return done.value.code, out.out, out.err
+
+
+def test_bench_engine_reports_every_policy(folder, capsys):
+    argv = ["bench-engine", "--model", folder, "--policies", "full,ada-snapkv", "--keep", "0.25", "--num-prompts", "3",
+            "--prompt-len", "120", "--output-len", "4", "--kv-memory", "8MiB", "--dtype", "fp32", "--json"]  # fmt: skip
+    code, out, err = run(argv, capsys)
+    assert code == 0, err
+    rows = json.loads(out)
+    assert [r["policy"] for r in rows] == ["full", "ada-snapkv"]
+    for r in rows:
+        assert r["max_running"] == 3 and r["preemptions"] == 0 and r["kv_memory_bytes"] == 8 * 2**20
+        assert r["total_tokens_per_second"] > r["output_tokens_per_second"] > 0
+    full, ada = rows
+    assert ada["kv_bytes_stored_peak"] < full["kv_bytes_stored_peak"]
+    assert "policy ada-snapkv" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["bench-engine", "--policies", "nope"], "unknown policy"),
+        (["bench-engine", "--keep", "0.5", "--tokens", "3"], "either --keep or --tokens"),
+        (["bench-engine", "--kv-memory", "lots"], "size"),
+        (["bench-engine", "--model", "tiny-random-llama"], "model folder"),
+        (["serve", "--policy", "nope"], "unknown policy"),
+        (["serve", "--kv-memory", "-1GiB"], "kv memory"),
+        (["serve", "--model", "/nonexistent"], "model folder"),
+        (["serve", "--max-kv-tokens", "3"], "max-kv-tokens"),
+        (["serve", "--port", "70000"], "port"),
+    ],
+)
+def test_bad_engine_arguments_are_one_error_line(argv, needle, capsys):
+    code, _, err = run(argv, capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], err
+    assert "Traceback" not in err
+    assert torch.get_num_threads() >= 1
