@@ -59,7 +59,7 @@ def serve(
 ) -> None:
     """Serve an OpenAI-compatible API (/v1/completions, /v1/chat/completions, /v1/models,
     /health, /metrics) on a paged, per-head compressed KV cache."""
-    require_extra("serve", "fastapi", "uvicorn", "prometheus_client")
+    require_extra("serve", "fastapi", "uvicorn")
     import uvicorn
 
     from kvsqueeze.engine.async_engine import AsyncLLMEngine

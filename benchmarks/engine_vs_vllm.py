@@ -1,0 +1,104 @@
+"""kvsqueeze's engine and vLLM's CPU build on the same workload, in one sitting.
+
+Runs shared/bench/anchor_vllm_cpu.py (vLLM, in its own venv: see its docstring) and
+`kvsqueeze bench-engine` one after the other with the same prompts, lengths and KV
+memory, then writes OUT/results.json, OUT/summary.md (ratios to vLLM) and
+OUT/throughput.png.
+
+usage: python benchmarks/engine_vs_vllm.py --vllm-python /path/to/vllm-venv/bin/python \\
+           [--num-prompts 32 --prompt-len 2048 --output-len 256 --kv-gib 1 --keep 0.125] --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ANCHOR = Path(__file__).resolve().parents[2] / "shared" / "bench" / "anchor_vllm_cpu.py"
+
+
+def run_vllm(python: str, model_dir: Path, text: Path, n: int, length: int, out_len: int, kv_gib: int) -> dict:
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(kv_gib), "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    done = subprocess.run(
+        [python, str(ANCHOR), str(model_dir), str(text), str(n), str(length), str(out_len)],
+        env=env, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_ours(args: argparse.Namespace) -> list[dict]:
+    cmd = [str(Path(sys.executable).parent / "kvsqueeze"), "bench-engine", "--model", "smollm2-135m",
+           "--policies", args.policies, "--keep", str(args.keep), "--num-prompts", str(args.num_prompts),
+           "--prompt-len", str(args.prompt_len), "--output-len", str(args.output_len),
+           "--kv-memory", f"{args.kv_gib}GiB", "--dtype", "bf16", "--json"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--vllm-python", required=True)
+    parser.add_argument("--num-prompts", type=int, default=32)
+    parser.add_argument("--prompt-len", type=int, default=2048)
+    parser.add_argument("--output-len", type=int, default=256)
+    parser.add_argument("--kv-gib", type=int, default=1)
+    parser.add_argument("--keep", type=float, default=0.125)
+    parser.add_argument("--policies", default="full,snapkv,ada-snapkv")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+
+    from kvsqueeze.bench.engine import essays_file_text
+    from kvsqueeze.hf.models import model_folder
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
+        f.write(essays_file_text())
+    vllm = run_vllm(args.vllm_python, model_folder("smollm2-135m"), Path(f.name), args.num_prompts,
+                    args.prompt_len, args.output_len, args.kv_gib)  # fmt: skip
+    ours = run_ours(args)
+    results = {"workload": vars(args) | {"out": str(args.out)}, "vllm": vllm, "kvsqueeze": ours}
+    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+
+    lines = [
+        f"# kvsqueeze engine vs vLLM CPU ({args.num_prompts} x {args.prompt_len} in, {args.output_len} out, "
+        f"{args.kv_gib} GiB KV, bf16, one sitting)",
+        "",
+        "| engine | policy | seconds | total tok/s | output tok/s | x vLLM total | x vLLM output | max running |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| vLLM 0.32 CPU | full | {vllm['seconds']} | {vllm['total_tok_s']} | {vllm['gen_tok_s']} | 1.00 | 1.00 | |",
+    ]
+    for r in ours:
+        lines.append(
+            f"| kvsqueeze | {r['policy']} | {r['seconds']} | {r['total_tokens_per_second']} | "
+            f"{r['output_tokens_per_second']} | {r['total_tokens_per_second'] / vllm['total_tok_s']:.2f} | "
+            f"{r['output_tokens_per_second'] / vllm['gen_tok_s']:.2f} | {r['max_running']} |"
+        )
+    (args.out / "summary.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = ["vLLM full"] + [f"ours {r['policy']}" for r in ours]
+    total = [vllm["total_tok_s"]] + [r["total_tokens_per_second"] for r in ours]
+    output = [vllm["gen_tok_s"]] + [r["output_tokens_per_second"] for r in ours]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, values, title in ((axes[0], total, "total tokens/s"), (axes[1], output, "output tokens/s")):
+        bars = ax.bar(names, values, color=["#888"] + ["#2a7"] * len(ours))
+        ax.bar_label(bars, fmt="%.0f")
+        ax.set_title(title)
+        ax.tick_params(axis="x", rotation=20)
+    fig.suptitle(f"SmolLM2-135M, 2-core CPU, {args.num_prompts} x {args.prompt_len} in, {args.output_len} out")
+    fig.tight_layout()
+    fig.savefig(args.out / "throughput.png", dpi=120)
+
+
+if __name__ == "__main__":
+    main()
