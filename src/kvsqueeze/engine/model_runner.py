@@ -25,12 +25,17 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
 
 
 def default_compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """The dtype matmuls run in. CPUs without native bf16/fp16 matmul (no AVX512-BF16/AMX:
-    torch reports at most AVX2 or plain AVX512) run them several times slower than fp32, so
-    there half-precision checkpoints compute in fp32 and only their KV is stored in 16 bits."""
+    """The dtype matmuls run in. On a CPU without bf16/fp16 matmul instructions (AVX512-BF16,
+    AMX) torch runs them about 4x slower than fp32 (measured on an AVX2 EPYC: benchmarks/
+    engine_forward.py), so there a 16-bit checkpoint computes in fp32 and stores its KV in 16 bits."""
     if device.type != "cpu" or dtype == torch.float32:
         return dtype
-    return dtype if torch.backends.cpu.get_cpu_capability() == "AMX" else torch.float32
+    cpu = torch.cpu
+    if dtype == torch.bfloat16:
+        native = cpu._is_amx_tile_supported() or cpu._is_avx512_bf16_supported()
+    else:
+        native = cpu._is_amx_fp16_supported()
+    return dtype if native else torch.float32
 
 
 class ModelRunner:
