@@ -162,6 +162,8 @@ def test_config_reads_windows_rope_and_eos_without_transformers():
     assert parsed.eos_token_ids == (3, 4) and parsed.rope_scaling is None
     with pytest.raises(ValueError, match="not supported"):
         ModelConfig.from_dict({**cfg, "model_type": "gpt2"})
+    with pytest.raises(ValueError, match="rope type 'yarn'"):
+        ModelConfig.from_dict({**cfg, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
 
 
 def test_sharded_checkpoint_loads(tmp_path):

@@ -25,6 +25,7 @@ ACTIVATIONS = {
     "relu": F.relu,
 }
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+ROPE_TYPES = ("default", "linear", "llama3")
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,12 @@ class ModelConfig:
         rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
         theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
         rope.setdefault("original_max_position_embeddings", cfg.get("max_position_embeddings"))
-        if rope.get("rope_type", rope.get("type", "default")) == "default":
+        if rope.pop("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)) != 1.0:
+            raise KVSqueezeError("partial rotary embeddings are not supported")
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ROPE_TYPES:
+            raise KVSqueezeError(f"rope type {rope_type!r} is not supported ({', '.join(ROPE_TYPES)} are)")
+        if rope_type == "default":
             rope = {}
         hidden_act = cfg.get("hidden_act", "silu")
         if hidden_act not in ACTIVATIONS:
