@@ -215,7 +215,7 @@ def test_question_aware_and_agnostic(runner, tiny, chat):
     # The question is part of the prompt either way.
     assert aware["prompt_tokens"] == agnostic["prompt_tokens"] >= context + question
     assert aware["question_aware"] is True
-    assert agnostic.get("question_aware", False) is False
+    assert agnostic["question_aware"] is False
     # Question-aware compresses context + question; question-agnostic compresses the
     # context alone, before the question is seen (the question is appended afterwards).
     for layer in aware["kept_tokens_per_head"]:

@@ -56,13 +56,13 @@ class BlockManager:
         fresh = -(-n_tokens // self.block_size) * self.num_kv_heads
         if layers is None:
             return fresh * self.num_layers
-        total = 0
+        total, size = 0, self.block_size
         for kv in layers:
             if kv is None:
                 total += fresh
-            else:
-                lengths = kv.lengths.cpu()
-                total += int((-(-(lengths + n_tokens) // self.block_size) - kv.num_blocks).clamp_min(0).sum())
+            else:  # host integers: this runs for every sequence at every step
+                lengths, owned = kv.lengths.tolist(), kv.num_blocks.tolist()
+                total += sum(max(0, -(-(n + n_tokens) // size) - b) for n, b in zip(lengths, owned, strict=True))
         return total
 
     def stored_tokens(self, seq_id: int) -> int:

@@ -16,7 +16,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from kvsqueeze.engine.block_manager import BlockManager
 from kvsqueeze.engine.decode_eviction import evict_over_cap
@@ -25,6 +24,7 @@ from kvsqueeze.ops import dense_causal_attention, policy_scores
 from kvsqueeze.ops.padded_attention import padded_attention
 from kvsqueeze.policy import ScoreInput
 from kvsqueeze.store import BlockPool, PagedKV
+from kvsqueeze.store.paged_kv import append_step, step_slots
 
 
 class PagedCompressedCache:
@@ -64,7 +64,6 @@ class PagedCompressedCache:
             span = slice(offset, offset + n)
             store = self.blocks.layer(seq_id, layer_idx)
             if n == 1 and store is not None and not chunk.ends_prompt:
-                store.append(k[span].transpose(0, 1), v[span].transpose(0, 1), torch.tensor([chunk.start]))
                 decode.append((offset, store, chunk))
             else:
                 out[span] = self._chunk(layer_idx, chunk, q[span], k[span], v[span], store)
@@ -72,6 +71,7 @@ class PagedCompressedCache:
         if decode:
             rows = torch.tensor([o for o, _, _ in decode])
             stores, positions = [s for _, s, _ in decode], [c.start for _, _, c in decode]
+            append_step(stores, k[rows].flatten(0, 1), v[rows].flatten(0, 1), positions)
             out[rows] = self._decode(q[rows], stores, positions, self.sliding_windows[layer_idx])
             for row, store, chunk in decode:
                 self._bound(layer_idx, chunk, store, q[row : row + 1])
@@ -150,14 +150,10 @@ class PagedCompressedCache:
         """One new token per sequence: every sequence's heads in one SDPA over one gather."""
         r, hq, d = q.shape
         hkv = stores[0].num_heads
-        parts = [s.live_slots() for s in stores]
-        longest = max(p[0].shape[1] for p in parts)
-        slots = torch.cat([F.pad(s, (0, longest - s.shape[1])) for s, _ in parts])  # [r * hkv, L]
-        live = torch.cat([F.pad(lv, (0, longest - lv.shape[1])) for _, lv in parts])
+        slots, live = step_slots(stores)  # [r * hkv, L]
         q_pos = torch.tensor(positions).repeat_interleave(hkv)[:, None]  # [r * hkv, 1]
-        out = _gathered_attention(
-            q.view(r * hkv, hq // hkv, 1, d), stores[0].pool, slots, live, q_pos, self.scaling, window
-        )
+        grouped = q.view(r * hkv, hq // hkv, 1, d)
+        out = _gathered_attention(grouped, stores[0].pool, slots, live, q_pos, self.scaling, window, window is not None)
         return out.view(r, hq, d)
 
 
@@ -169,10 +165,12 @@ def _gathered_attention(
     query_positions: torch.Tensor,
     scaling: float,
     window: int | None,
+    masked: bool = True,
 ) -> torch.Tensor:
     """Attention of query [rows, group, q, d] at query_positions [rows, q] over the pool
-    entries slots[rows, L] (live[rows, L] marks real ones)."""
+    entries slots[rows, L] (live[rows, L] marks real ones); masked=False: every live
+    entry is older than the queries and inside any window (a plain decode step)."""
     d = query.shape[-1]
     keys, values = pool.keys.view(-1, d)[slots], pool.values.view(-1, d)[slots]
     positions = pool.positions.view(-1)[slots]
-    return padded_attention(query, keys, values, positions, live, query_positions, scaling, window)
+    return padded_attention(query, keys, values, positions, live, query_positions, scaling, window, masked)

@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from kvsqueeze.store.base import KVStore
 from kvsqueeze.store.block_pool import BlockPool
@@ -289,3 +290,40 @@ class PagedKV(KVStore):
         if width < self._table.shape[1] // 2:  # keep some width: appends would widen it again
             self._table = self._table[:, :width].contiguous()
             self._device_table = None
+
+
+def append_step(stores: Sequence[PagedKV], keys: torch.Tensor, values: torch.Tensor, positions: list[int]) -> None:
+    """One decode step of many sequences: one new entry for every head of every store
+    (all over the same pool), in one write into the pool. keys/values [stores x heads, d];
+    positions[i] is store i's new position. Blocks are taken only by heads whose last
+    block is full; the per-store work is a few host integer operations."""
+    pool = stores[0].pool
+    size, d = pool.block_size, pool.head_dim
+    slots: list[int] = []
+    for kv in stores:
+        lengths = kv._host_lengths.tolist()
+        if any(n % size == 0 for n in lengths):
+            kv._grow(kv._host_lengths + 1)
+        table = kv._table
+        slots += [int(table[h, n // size]) * size + n % size for h, n in enumerate(lengths)]
+        kv._host_lengths = kv._host_lengths + 1
+        kv._lengths = kv._lengths + 1
+    index = torch.tensor(slots, device=pool.device)
+    pool.keys.view(-1, d)[index] = keys.to(pool.dtype)
+    pool.values.view(-1, d)[index] = values.to(pool.dtype)
+    heads = len(slots) // len(stores)
+    pool.positions.view(-1)[index] = torch.tensor(positions, dtype=torch.int32).repeat_interleave(heads).to(pool.device)
+
+
+def step_slots(stores: Sequence[PagedKV]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(slots [stores x heads, L], live [stores x heads, L]): live_slots() of many stores
+    over one pool, stacked and padded to the longest head of all, from one table."""
+    pool = stores[0].pool
+    width = max(kv._table.shape[1] for kv in stores)
+    table = torch.cat([F.pad(kv._table, (0, width - kv._table.shape[1]), value=0) for kv in stores])
+    lengths = torch.cat([kv._host_lengths for kv in stores])
+    longest = int(lengths.max())
+    within = torch.arange(pool.block_size)
+    slots = (table.long()[:, :, None] * pool.block_size + within).flatten(1)[:, :longest]
+    live = torch.arange(longest)[None, :] < lengths[:, None]
+    return torch.where(live, slots, 0).to(pool.device), live.to(pool.device)
