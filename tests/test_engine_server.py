@@ -23,6 +23,7 @@ from kvsqueeze.engine.llm_engine import EngineArgs, LLMEngine
 from kvsqueeze.engine.sampling_params import SamplingParams
 from kvsqueeze.engine.server import build_app
 from kvsqueeze.hf.tiny import byte_tokenizer, tiny_model
+from kvsqueeze.policy import make_policy
 
 KEY = "sk-test"
 
@@ -222,5 +223,32 @@ def test_load_with_cancellations_leaves_the_pool_whole(model_dir):
             or s.async_engine.call(lambda: s.engine.blocks.blocks_in_use()) == 0
         )
         assert s.async_engine.error is None
+    finally:
+        s.stop()
+
+
+@pytest.mark.real_model
+def test_serve_answers_the_needle_question_on_the_embedded_model():
+    """The demo's question through the openai client: a passphrase hidden in ~2,000 tokens
+    of essays, served by SmolLM2-135M under ada-snapkv at keep 0.25."""
+    from kvsqueeze.data.haystack import build_haystack
+    from kvsqueeze.hf.models import load_model, model_folder
+
+    _, tokenizer = load_model("smollm2-135m")
+    haystack = build_haystack(tokenizer, 2000, depth=0.5)
+    folder = model_folder("smollm2-135m")
+    s = Served(folder, kv_memory="256MiB", api_key=None)
+    s.engine.default_policy = make_policy("ada-snapkv", keep=0.25)  # the library's defaults (window 32)
+    try:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0)
+        reply = client.chat.completions.create(
+            model="tiny",
+            messages=[{"role": "user", "content": f"{haystack.context}\n\n{haystack.question}"}],
+            max_tokens=16,
+            temperature=0,
+        )
+        assert haystack.answer in reply.choices[0].message.content, reply.choices[0].message.content
+        assert 1800 <= reply.usage.prompt_tokens <= 2300
+        assert s.pool_whole()
     finally:
         s.stop()
