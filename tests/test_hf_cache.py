@@ -493,3 +493,14 @@ def test_nbytes_follows_a_second_generate():
     assert cache.stored_tokens() == stored_before + (100 + 5) * 2 * len(cache.layers)  # 2 kv heads
     assert cache.nbytes > before
     assert cache.stored_tokens() * per_token <= cache.nbytes <= 1.2 * cache.stored_tokens() * per_token
+
+
+def test_full_policy_reports_at_most_one_percent_over_full_after_generate():
+    from kvsqueeze.hf.generate import generate
+    from kvsqueeze.hf.tiny import byte_tokenizer
+
+    model = tiny_model("llama", head_dim=64)
+    result = generate(model, byte_tokenizer(), make_policy("full"), "hello world. " * 60, max_new_tokens=12)
+    assert result.kv_bytes_full <= result.kv_bytes_stored <= 1.01 * result.kv_bytes_full
+    snap = generate(model, byte_tokenizer(), make_policy("snapkv", keep=0.25), "hello world. " * 60, max_new_tokens=12)
+    assert snap.kv_bytes_stored <= 0.3 * snap.kv_bytes_full

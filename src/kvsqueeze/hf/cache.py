@@ -164,6 +164,16 @@ class KVSqueezeCache(Cache):
         """Bytes an uncompressed cache would hold for the same (unpadded) tokens."""
         return sum(layer.full_nbytes for layer in self._filled())
 
+    def reserve(self, n: int) -> None:
+        """Make room for n more tokens in every head now, so decoding never regrows a layer."""
+        for layer in self._filled():
+            layer.store.reserve(n)
+
+    def trim(self) -> None:
+        """Give back room no token uses (see KVStore.trim): nbytes is then the kept tokens'."""
+        for layer in self._filled():
+            layer.store.trim()
+
     def stored_tokens(self) -> int:
         """Physical length: live entries over all layers, sequences and heads."""
         return sum(layer.store.num_tokens for layer in self._filled())

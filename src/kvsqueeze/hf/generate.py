@@ -75,9 +75,11 @@ def generate(
             logits = model(prompt[:, len(context_ids) :], past_key_values=cache, use_cache=True).logits
         prefill_seconds = time.perf_counter() - start
         kept = cache.kept_tokens_per_head(0)
+        cache.reserve(max_new_tokens)  # room for every new token at once: no regrowth while decoding
         start = time.perf_counter()
         new = greedy(model, cache, logits[:, -1], max_new_tokens, stop_ids(model))
         decode_seconds = time.perf_counter() - start
+        cache.trim()  # what an early stop left unused goes back: the bytes reported are the tokens' own
     decoded = max(len(new) - 1, 0)  # forward passes after prefill: the last token is not fed back
 
     text = tokenizer.decode(new, skip_special_tokens=True)

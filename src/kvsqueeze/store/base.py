@@ -72,6 +72,11 @@ class KVStore(ABC):
         the prefill), so that the next n one-token appends need no reallocation."""
 
     @abstractmethod
+    def trim(self) -> None:
+        """Give back room held beyond the live entries (growth slack, a reservation
+        that went unused), so nbytes is the live entries' own. A no-op when tight."""
+
+    @abstractmethod
     def evict(self, keep: torch.Tensor) -> None:
         """Keep only entries keep[head, i] (i indexes each head's live run in order,
         [heads, >= max length]; columns past a head's length are ignored) and release

@@ -191,6 +191,10 @@ class FlatKV(KVStore):
         if self.num_heads and int((self.capacity - self._lengths).min()) < n:
             self._relayout(torch.maximum(self.capacity, self._lengths + n))
 
+    def trim(self) -> None:
+        if self.num_heads and bool((self.capacity > self._lengths).any()):
+            self._relayout(self._lengths.clone())
+
     def _relayout(self, capacity: torch.Tensor) -> None:
         """Move every head's live run into a fresh buffer with the given capacities."""
         src, heads = run_indices(self.starts, self._lengths)

@@ -226,6 +226,9 @@ class PagedKV(KVStore):
     def reserve(self, n: int) -> None:
         self._grow(self._host_lengths + n)
 
+    def trim(self) -> None:
+        self._shrink()
+
     def evict(self, keep: torch.Tensor) -> None:
         if self.num_heads and keep.shape[1] < int(self._host_lengths.max()):
             raise ValueError(f"keep has {keep.shape[1]} columns, fewer than the longest head's entries")
