@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import torch
 
+from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.store import BlockPool, PagedKV
 
 
@@ -29,14 +30,18 @@ class BlockManager:
         kv_memory: int,
         block_size: int = 16,
     ) -> None:
-        per_block = block_size * (2 * head_dim * torch.empty((), dtype=dtype).element_size() + 4)
-        num_blocks = kv_memory // per_block
+        num_blocks = kv_memory // BlockPool.bytes_per_block(head_dim, dtype, block_size)
         if num_blocks < num_layers * num_kv_heads:
             raise ValueError(
                 f"kv_memory of {kv_memory} bytes holds {num_blocks} blocks of {block_size} tokens: fewer than one "
                 f"per (layer, kv-head) ({num_layers * num_kv_heads}); give the cache more memory"
             )
-        self.pool = BlockPool(num_blocks, head_dim, dtype, device, block_size)
+        try:
+            self.pool = BlockPool(num_blocks, head_dim, dtype, device, block_size)
+        except (RuntimeError, MemoryError, TypeError, OverflowError):  # torch: out of memory, or past int64
+            raise KVSqueezeError(
+                f"cannot allocate a KV pool of {kv_memory} bytes on {device}: give --kv-memory what the device holds"
+            ) from None
         self.num_layers, self.num_kv_heads, self.block_size = num_layers, num_kv_heads, block_size
         self.kv: dict[int, list[PagedKV | None]] = {}  # seq_id -> per layer (None until it joins that layer)
         self.on_free: list[Callable[[int], None]] = []  # told of every sequence whose blocks are freed
@@ -87,10 +92,9 @@ class BlockManager:
         layers = self.kv.setdefault(seq_id, [None] * self.num_layers)
         if layers[layer_idx] is not None:
             raise RuntimeError(f"sequence {seq_id} already holds KV in layer {layer_idx}")
-        layers[layer_idx] = PagedKV.from_dense(
-            self.pool, keys, values, torch.ones_like(keys[..., 0], dtype=torch.bool), positions
-        )
-        return layers[layer_idx]
+        kv = layers[layer_idx] = PagedKV(self.pool)
+        kv.join(keys, values, positions=positions)
+        return kv
 
     def free(self, seq_id: int) -> None:
         """Return every block of the sequence to the pool (finished, aborted or preempted)."""

@@ -36,7 +36,7 @@ def parse_bytes(size: int | str) -> int:
         unit = text[len(digits) :]
         try:
             value = int(float(digits) * _UNITS[unit])
-        except (ValueError, KeyError):
+        except (ValueError, KeyError, OverflowError):
             raise KVSqueezeError(f"cannot read {size!r} as a size: use e.g. 1GiB, 512MiB or a byte count") from None
     if value <= 0:
         raise KVSqueezeError(f"kv memory must be positive, got {size!r}")
@@ -216,7 +216,8 @@ class LLMEngine:
         return stored, sum(s.num_computed for s in running) * per_token
 
     def refresh_gauges(self) -> None:
-        """Set the metrics that describe the engine's state now (also after aborts)."""
+        """Set the metrics that describe the engine's state now; the server calls this when
+        /metrics is read, so steps never pay for it."""
         m = self.metrics
         m.running.set(len(self.scheduler.running))
         m.waiting.set(len(self.scheduler.waiting))
@@ -234,6 +235,5 @@ class LLMEngine:
         m.prompt_tokens.inc(prompt_tokens)
         m.generation_tokens.inc(new_tokens)
         m.tokens_per_second.set(sum(c.num_tokens for c in chunks) / max(seconds, 1e-9))
-        self.refresh_gauges()
         self.peak_running = max(self.peak_running, len(self.scheduler.running))
         self.peak_stored_bytes = max(self.peak_stored_bytes, self.blocks.blocks_in_use() * self.blocks.block_nbytes)

@@ -60,8 +60,12 @@ class BlockPool:
     @property
     def block_nbytes(self) -> int:
         """Bytes one block holds: its keys, values and positions."""
-        per_entry = 2 * self.head_dim * self.keys.element_size() + self.positions.element_size()
-        return self.block_size * per_entry
+        return self.bytes_per_block(self.head_dim, self.dtype, self.block_size)
+
+    @staticmethod
+    def bytes_per_block(head_dim: int, dtype: torch.dtype, block_size: int = 16) -> int:
+        """Bytes of one block of keys, values (dtype) and int32 positions: what sizes a pool."""
+        return block_size * (2 * head_dim * torch.empty((), dtype=dtype).element_size() + 4)
 
     def is_out(self, block: int) -> bool:
         """Whether `block` is allocated (owned by some head)."""
