@@ -63,3 +63,41 @@ def test_bad_engine_arguments_are_one_error_line(argv, needle, capsys):
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], err
     assert "Traceback" not in err
     assert torch.get_num_threads() >= 1
+
+
+BAD = ("", "-7", str(10**30), "abc", "nan", "1e400", "inf")
+ENGINE_FLAGS = ("--keep", "--tokens", "--window", "--kv-memory")
+BENCH_FLAGS = (*ENGINE_FLAGS, "--num-prompts", "--prompt-len", "--output-len")
+SERVE_FLAGS = (*ENGINE_FLAGS, "--alpha", "--max-kv-tokens", "--port", "--max-num-seqs", "--max-num-batched-tokens")
+
+
+def _fuzz(argv, capsys) -> None:
+    code, _, err = run(argv, capsys)
+    assert "Traceback" not in err
+    assert code in (0, 2), err
+    if code == 2:  # progress lines may come first; the failure is one `error:` line, the last
+        lines = err.strip().splitlines()
+        assert [line for line in lines if line.startswith("error:")] == lines[-1:], err
+
+
+@pytest.mark.parametrize("value", BAD)
+@pytest.mark.parametrize("flag", BENCH_FLAGS)
+def test_every_bench_engine_flag_takes_bad_values_with_one_error_line(folder, flag, value, capsys):
+    base = {"--model": folder, "--policies": "snapkv", "--keep": "0.5", "--num-prompts": "2", "--prompt-len": "60",
+            "--output-len": "2", "--kv-memory": "4MiB", "--dtype": "fp32"}  # fmt: skip
+    if flag == "--tokens":
+        del base["--keep"]
+    argv = ["bench-engine", *[x for k, v in {**base, flag: value}.items() for x in (k, v)], "--json"]
+    _fuzz(argv, capsys)
+
+
+@pytest.mark.parametrize("value", BAD)
+@pytest.mark.parametrize("flag", SERVE_FLAGS)
+def test_every_serve_flag_takes_bad_values_with_one_error_line(folder, flag, value, capsys, monkeypatch):
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: None)  # a valid call returns instead of serving
+    base = {"--model": folder, "--policy": "ada-snapkv", "--keep": "0.5", "--kv-memory": "4MiB", "--dtype": "fp32"}
+    if flag == "--tokens":
+        del base["--keep"]
+    _fuzz(["serve", *[x for k, v in {**base, flag: value}.items() for x in (k, v)]], capsys)

@@ -6,6 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
+# Token counts live in int64 tensors and index math; no model has a context near this.
+MAX_TOKENS = 2**31 - 1
+
 
 @dataclass(frozen=True)
 class Budget:
@@ -20,8 +23,8 @@ class Budget:
             raise ValueError("give exactly one budget: a keep ratio or a token count per head")
         if self.keep is not None and not 0.0 < self.keep <= 1.0:
             raise ValueError(f"keep ratio must be in (0, 1], got {self.keep}")
-        if self.tokens is not None and self.tokens < 1:
-            raise ValueError(f"token budget must be a positive number of tokens per head, got {self.tokens}")
+        if self.tokens is not None and not 1 <= self.tokens <= MAX_TOKENS:
+            raise ValueError(f"token budget must be between 1 and {MAX_TOKENS} tokens per head, got {self.tokens}")
 
     @property
     def is_full(self) -> bool:
