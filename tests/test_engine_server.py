@@ -147,6 +147,10 @@ def test_per_request_policy(served, client):
         ({"max_tokens": 3}, 400, "prompt"),
         ({"prompt": "hi", "kv_policy": "full", "kv_max_tokens": 64}, 400, "max_kv_tokens"),
         ({"prompt": "hi", "kv_max_tokens": 3}, 400, "max_kv_tokens"),
+        ({"prompt": "hi", "kv_max_tokens": 10**30}, 400, "max_kv_tokens"),
+        ({"prompt": "hi", "kv_tokens": 10**30}, 400, "token budget"),
+        ({"prompt": "hi", "seed": 10**30}, 400, "seed"),
+        ({"prompt": "hi", "seed": -1}, 400, "seed"),
     ],
 )
 def test_bad_requests_get_openai_errors(served, body, status, needle):

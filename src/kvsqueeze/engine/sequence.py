@@ -11,6 +11,7 @@ import torch
 
 from kvsqueeze.engine.sampling_params import SamplingParams
 from kvsqueeze.policy import Policy
+from kvsqueeze.policy.budget import MAX_TOKENS
 
 _ids = itertools.count()
 
@@ -53,10 +54,10 @@ class Sequence:
         if self.max_kv_tokens is not None:
             if not self.policy.compresses:
                 raise ValueError(f"max_kv_tokens needs a policy that scores tokens; {self.policy.name!r} keeps all")
-            if self.max_kv_tokens < max(16, 2 * self.policy.window):
+            if not max(16, 2 * self.policy.window) <= self.max_kv_tokens <= MAX_TOKENS:
                 raise ValueError(
-                    f"max_kv_tokens={self.max_kv_tokens} leaves no room beside the window of {self.policy.window}: "
-                    f"use at least {max(16, 2 * self.policy.window)}"
+                    f"max_kv_tokens={self.max_kv_tokens} must leave room beside the window of {self.policy.window}: "
+                    f"use {max(16, 2 * self.policy.window)} to {MAX_TOKENS}"
                 )
         if self.params.seed is not None:
             self.generator = torch.Generator().manual_seed(self.params.seed)
