@@ -6,6 +6,10 @@ however unevenly heads are compressed. The pool is a free list of block ids: tak
 or returning n blocks costs O(n). It also records which blocks are out, so a block
 returned twice, or never taken, is an error at once rather than a silent double
 owner later.
+
+Blocks are reference-counted: a compressed prefix that many sequences share (the
+engine's prefix cache) is held once, and each holder releases its reference; a block
+returns to the free list when its last holder lets go.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ class BlockPool:
         self.values = torch.zeros_like(self.keys)
         self.positions = torch.full((num_blocks, block_size), -1, dtype=torch.int32, device=device)
         self._free = list(range(num_blocks - 1, -1, -1))  # a stack: low ids go out first
-        self._out = bytearray(num_blocks)
+        self._refs = [0] * num_blocks  # holders of each block; 0: free
 
     @property
     def num_blocks(self) -> int:
@@ -69,7 +73,11 @@ class BlockPool:
 
     def is_out(self, block: int) -> bool:
         """Whether `block` is allocated (owned by some head)."""
-        return bool(self._out[block])
+        return self._refs[block] > 0
+
+    def is_shared(self, block: int) -> bool:
+        """Whether more than one holder references `block` (writing to it needs a copy)."""
+        return self._refs[block] > 1
 
     def allocate(self, n: int) -> list[int]:
         """Take n free blocks."""
@@ -80,14 +88,23 @@ class BlockPool:
         blocks = self._free[-n:]
         del self._free[-n:]
         for b in blocks:
-            self._out[b] = 1
+            self._refs[b] = 1
         return blocks
 
-    def release(self, blocks: Iterable[int]) -> None:
-        """Return blocks to the pool."""
-        blocks = list(blocks)
+    def share(self, blocks: Iterable[int]) -> None:
+        """Add a holder to allocated blocks (a forked store or the prefix cache)."""
         for b in blocks:
-            if not self._out[b]:
+            if not self._refs[b]:
+                raise ValueError(f"block {b} is shared but was not allocated")
+            self._refs[b] += 1
+
+    def release(self, blocks: Iterable[int]) -> None:
+        """Drop one holder of each block; a block with no holder left returns to the pool."""
+        freed = []
+        for b in blocks:
+            if not self._refs[b]:
                 raise ValueError(f"block {b} is released but was not allocated")
-            self._out[b] = 0
-        self._free.extend(blocks)
+            self._refs[b] -= 1
+            if not self._refs[b]:
+                freed.append(b)
+        self._free.extend(freed)

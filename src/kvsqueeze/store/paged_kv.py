@@ -12,6 +12,12 @@ Bookkeeping (block ids, blocks and lengths per head) lives on the host, where
 allocation happens; the block table and the lengths are mirrored on the pool's
 device for attention. An append whose `valid` mask is on the GPU costs one sync
 (the pool must know how many entries each head gets).
+
+A store can be forked: the fork's heads point at the same blocks (the pool counts
+their holders), so a compressed prefix is stored once for every sequence that starts
+with it. Writes go only to blocks a store holds alone: a shared block is copied
+first (copy-on-write), and `unshare_tails` does that up front for the partly filled
+last blocks that appends would write into.
 """
 
 from __future__ import annotations
@@ -155,6 +161,50 @@ class PagedKV(KVStore):
         return int(positions.max()) if len(positions) else -1
 
     # ---------------------------------------------------------------- membership
+    def fork(self) -> PagedKV:
+        """A store with the same heads and entries, sharing every block (no copy)."""
+        kv = PagedKV(self.pool)
+        kv._table, kv._num_blocks = self._table.clone(), self._num_blocks.clone()
+        kv._host_lengths, kv._lengths = self._host_lengths.clone(), self._lengths.clone()
+        self.pool.share(self.owned_blocks())
+        return kv
+
+    def shared_tails(self) -> int:
+        """Partly filled last blocks that are shared: the copies `unshare_tails` takes."""
+        return len(self._tails())
+
+    def unshare_tails(self) -> None:
+        """Copy every shared, partly filled last block, so appends never write into a
+        block another holder reads."""
+        heads = self._tails()
+        if heads:
+            heads = torch.tensor(heads)
+            self._own(heads, (self._host_lengths[heads] // self.block_size))
+
+    def _tails(self) -> list[int]:
+        size, table = self.block_size, self._table
+        return [
+            h
+            for h, n in enumerate(self._host_lengths.tolist())
+            if n % size and self.pool.is_shared(int(table[h, n // size]))
+        ]
+
+    def _own(self, heads: torch.Tensor, columns: torch.Tensor) -> None:
+        """Give head heads[i] a private copy of its block at columns[i] where it is shared."""
+        pairs = {(int(h), int(c)) for h, c in zip(heads.tolist(), columns.tolist(), strict=True)}
+        shared = [(h, c) for h, c in sorted(pairs) if self.pool.is_shared(int(self._table[h, c]))]
+        if not shared:
+            return
+        old = [int(self._table[h, c]) for h, c in shared]
+        new = self.pool.allocate(len(shared))
+        src, dst = torch.tensor(old, device=self.pool.device), torch.tensor(new, device=self.pool.device)
+        for buffer in (self.pool.keys, self.pool.values, self.pool.positions):
+            buffer[dst] = buffer[src]
+        rows, cols = zip(*shared, strict=True)
+        self._table[list(rows), list(cols)] = torch.tensor(new, dtype=torch.int32)
+        self.pool.release(old)
+        self._device_table = None
+
     def join(
         self,
         keys: torch.Tensor,
@@ -236,6 +286,8 @@ class PagedKV(KVStore):
         keep = keep & (index[None, :] < self._lengths[:, None])
         heads, entries = keep.nonzero(as_tuple=True)
         packed = (torch.cumsum(keep, dim=-1) - 1)[heads, entries]  # a kept entry's new index: never later
+        moved = packed != entries
+        self._own(heads[moved].cpu(), (packed[moved] // self.block_size).cpu())
         src, dst = self._slots_of(heads, entries), self._slots_of(heads, packed)
         d = self.head_dim
         for buffer in (self.pool.keys.view(-1, d), self.pool.values.view(-1, d), self.pool.positions.view(-1)):
