@@ -7,20 +7,24 @@ from typing import ClassVar
 
 import torch
 
-from kvsqueeze.policy.score.base import ScoreInput, attention_probs, reduce_group
+from kvsqueeze.policy.score.base import ScoreInput, attention_probs
 
 
 @dataclass(frozen=True)
 class TOVAScorer:
-    """Head-wise TOVA, one-shot after prefill: attention of the last prompt query to
-    every key, one score per kv head (reduced over its GQA group), so heads keep
-    different tokens. TOVA's paper and kvpress average over all heads of a layer
-    (layer-wise: every head keeps the same tokens)."""
+    """TOVA, one-shot after prefill, layer-wise as the paper and kvpress's TOVAPress:
+    the last prompt query's attention to every key, averaged over all query heads of
+    the layer, so every kv head gets the same scores and keeps the same tokens.
 
-    group_reduce: str = "mean"
+    Why layer-wise: one query's attention in one head is very peaked, and a head-wise
+    ranking of it throws away tokens that other heads of the layer (and the next
+    queries) still need; the layer average is the paper's rule and keeps them.
+    """
+
     name: str = "tova"
     observes_queries: ClassVar[bool] = True
 
     def __call__(self, x: ScoreInput) -> torch.Tensor:
-        t = x.keys.shape[2]
-        return reduce_group(attention_probs(x, t - 1, t)[:, :, :, 0], self.group_reduce)
+        b, hkv, t, _ = x.keys.shape
+        last = attention_probs(x, t - 1, t)[:, :, :, 0]  # [b, kv_heads, group, t]
+        return last.mean(dim=(1, 2))[:, None, :].expand(b, hkv, t).contiguous()
