@@ -11,12 +11,28 @@ import torch
 from kvsqueeze.policy.score.base import ScoreInput, attention_probs, reduce_group
 
 
+def observers(x: ScoreInput) -> torch.Tensor:
+    """[batch, tokens]: how many real prompt queries see each key (0 for padding keys).
+    Query q sees key k when k <= q and, with a sliding window, q - k < sliding_window."""
+    t = x.valid.shape[-1]
+    reach = t if x.sliding_window is None else min(t, x.sliding_window)
+    seen_by = torch.cumsum(x.valid.long(), dim=-1)  # real queries in slots [0, q]
+    slot = torch.arange(t, device=x.valid.device)
+    last = seen_by[:, (slot + reach - 1).clamp_max(t - 1)]  # real queries up to the key's last observer
+    before = torch.nn.functional.pad(seen_by, (1, 0))[:, :t]  # real queries before the key
+    return (last - before) * x.valid
+
+
 @dataclass(frozen=True)
 class H2OScorer:
-    """One-shot H2O: attention mass each key receives from every prompt query (the
-    accumulated attention of H2O), summed, not divided by how many queries saw the
-    key; scored once after prefill, not re-scored while decoding. It needs the full
-    prompt x prompt attention, so queries are processed in chunks to bound memory.
+    """One-shot H2O as kvpress's ObservedAttentionPress: the attention mass each key
+    receives from all prompt queries, divided by the number of queries that saw it,
+    scored once after prefill, not re-scored while decoding.
+
+    Why divide: a key at position i is seen by n - i queries, so the plain sum favours
+    early tokens and loses a late needle even at keep 0.5; the mean is what each
+    observer gave it. It needs the full prompt x prompt attention, so queries are
+    processed in chunks to bound memory.
     """
 
     chunk: int = 512
@@ -30,4 +46,5 @@ class H2OScorer:
         for start in range(0, t, self.chunk):
             part = attention_probs(x, start, min(start + self.chunk, t)).sum(dim=3)
             total = part if total is None else total + part
-        return reduce_group(total, self.group_reduce)
+        mean = total / observers(x).clamp_min(1)[:, None, None, :]
+        return reduce_group(mean, self.group_reduce)
