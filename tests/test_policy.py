@@ -68,6 +68,8 @@ def paper_softmax_row(q: list[float], keys: list[list[float]], scaling: float) -
 
 def paper_pool(row: list[float], kernel: int, how: str) -> list[float]:
     """1-D pooling with stride 1 and zero padding kernel // 2 (avg counts the padding)."""
+    if how == "none":
+        return list(row)
     half, pad = kernel // 2, (0.0 if how == "avg" else -math.inf)
     out = []
     for i in range(len(row)):
@@ -117,12 +119,19 @@ def paper_snapkv(x: ScoreInput, kernel: int, pool: str, how: str, order: str) ->
 
 @pytest.mark.parametrize(
     ("how", "pool", "order"),
-    [("mean", "max", "pool-then-reduce"), ("max", "max", "pool-then-reduce"), ("mean", "avg", "reduce-then-pool")],
+    [
+        ("mean", "max", "pool-then-reduce"),
+        ("max", "max", "pool-then-reduce"),
+        ("mean", "avg", "reduce-then-pool"),
+        ("max", "avg", "pool-then-reduce"),
+        ("mean", "none", "pool-then-reduce"),
+    ],
 )
-def test_snapkv_equals_paper_definition(how, pool, order):
+@pytest.mark.parametrize("kernel", [5, 7])
+def test_snapkv_equals_paper_definition(how, pool, order, kernel):
     x = make_input([40, 33], t=40, window=8)
-    expected = paper_snapkv(x, 7, pool, how, order)
-    got = SnapKVScorer(group_reduce=how, pool=pool, kernel=7, pool_order=order)(x)
+    expected = paper_snapkv(x, kernel, pool, how, order)
+    got = SnapKVScorer(group_reduce=how, pool=pool, kernel=kernel, pool_order=order)(x)
     assert got.shape == (2, 2, 40)
     real = x.valid[:, None, :].expand_as(got)  # padding slots: pooled zeros vs -inf padding, never kept
     torch.testing.assert_close(got.double()[real], expected[real], atol=1e-5, rtol=1e-5)
@@ -130,16 +139,31 @@ def test_snapkv_equals_paper_definition(how, pool, order):
 
 def test_snapkv_pools_only_the_prefix_and_orders_differ():
     x = make_input([48], t=48, window=8, seed=5)
-    scorer = SnapKVScorer()
+    scorer = SnapKVScorer(pool="max")
     sums = attention_probs(x, 40, 48).sum(dim=3)
     # The window's keys keep their own (unpooled) votes: a strong window key does not leak backwards.
     torch.testing.assert_close(scorer(x)[..., 40:], sums.mean(dim=2)[..., 40:])
-    assert not torch.equal(scorer(x), SnapKVScorer(pool_order="reduce-then-pool")(x))
+    assert not torch.equal(scorer(x), SnapKVScorer(pool="max", pool_order="reduce-then-pool")(x))
+    # Average pooling and the group mean are both linear: the two orders agree.
+    torch.testing.assert_close(SnapKVScorer()(x), SnapKVScorer(pool_order="reduce-then-pool")(x))
 
 
 def test_snapkv_window_longer_than_prompt():
     x = make_input([10], t=10, window=32)
-    torch.testing.assert_close(SnapKVScorer()(x).double(), paper_snapkv(x, 7, "max", "mean", "pool-then-reduce"))
+    torch.testing.assert_close(SnapKVScorer()(x).double(), paper_snapkv(x, 5, "avg", "mean", "pool-then-reduce"))
+
+
+def test_make_policy_passes_pooling_to_scorers_that_pool():
+    default = make_policy("snapkv", keep=0.5).scorer
+    assert (default.pool, default.kernel) == ("avg", 5)  # SnapKV's released code and kvpress
+    for name in ("snapkv", "ada-snapkv", "pyramidkv", "ada-pyramidkv"):
+        scorer = make_policy(name, keep=0.5, pooling="max", kernel=7).scorer
+        assert (scorer.pool, scorer.kernel) == ("max", 7)
+    assert make_policy("snapkv", keep=0.5, pooling="none").scorer.pool == "none"
+    assert make_policy("knorm", keep=0.5, pooling="max", kernel=3).scorer == KNormScorer()  # does not pool
+    for bad in ({"pooling": "median"}, {"kernel": 4}, {"kernel": 0}):
+        with pytest.raises(ValueError, match="pool"):
+            make_policy("snapkv", keep=0.5, **bad)
 
 
 def test_snapkv_rejects_bad_parameters():

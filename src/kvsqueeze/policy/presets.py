@@ -11,6 +11,7 @@ from kvsqueeze.policy.policy import Policy
 from kvsqueeze.policy.schedule import SCHEDULES
 from kvsqueeze.policy.score import SCORERS
 from kvsqueeze.policy.score.base import GROUP_REDUCTIONS
+from kvsqueeze.policy.score.snapkv import POOLS
 
 STREAMING_SINKS = 4
 
@@ -25,12 +26,17 @@ def make_policy(
     seed: int = 0,
     safeguard: str = "paper",
     pool_order: str | None = None,
+    pooling: str | None = None,
+    kernel: int | None = None,
 ) -> Policy:
     """Build a preset policy. With neither `keep` nor `tokens`, keep=0.25; `full` keeps all.
 
     `safeguard` picks Ada-KV's starvation rule ("paper" or "kvpress"); `pool_order` the
     SnapKV GQA order, by default "reduce-then-pool" (Ada-KV's) for ada-* names and
-    "pool-then-reduce" otherwise."""
+    "pool-then-reduce" otherwise. `pooling` ("avg", "max" or "none") and `kernel` (odd)
+    set how scorers that pool along the sequence (SnapKV and its family) pool; None
+    keeps each scorer's own default (SnapKV: avg, kernel 5). Scorers that do not pool
+    ignore them, as they ignore `group_reduce`, so one sweep can pass them to all."""
     parsed = parse_policy_name(name)
     # Validate the budget even for `full`, which then ignores it (it is the reference row of a sweep).
     budget = Budget(keep=keep if keep is not None or tokens is not None else 0.25, tokens=tokens)
@@ -38,6 +44,10 @@ def make_policy(
         return Policy(name=name, scorer=None, budget=Budget(keep=1.0), window=window)
     if group_reduce not in GROUP_REDUCTIONS:
         raise ValueError(f"unknown GQA group reduction {group_reduce!r}: use 'mean' or 'max'")
+    if pooling is not None and pooling not in POOLS:
+        raise ValueError(f"unknown pooling {pooling!r}: use one of {', '.join(POOLS)}")
+    if kernel is not None and (kernel < 1 or kernel % 2 == 0):
+        raise ValueError(f"pooling kernel must be odd and >= 1 (it keeps the length), got {kernel}")
 
     ada = parsed.allocator == "ada"
     scorer_cls = SCORERS[parsed.scorer]
@@ -45,9 +55,11 @@ def make_policy(
         "seed": seed,
         "group_reduce": group_reduce,
         "pool_order": pool_order or ("reduce-then-pool" if ada else "pool-then-reduce"),
+        "pool": pooling,
+        "kernel": kernel,
     }
     fields = {f.name for f in dataclasses.fields(scorer_cls)}
-    scorer = scorer_cls(**{k: v for k, v in offered.items() if k in fields})
+    scorer = scorer_cls(**{k: v for k, v in offered.items() if k in fields and v is not None})
     allocator = ALLOCATORS[parsed.allocator](alpha=alpha, safeguard=safeguard) if ada else ALLOCATORS["uniform"]()
     return Policy(
         name=name,

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from kvsqueeze.policy.score.base import ScoreInput, attention_probs, reduce_group
 
-POOLS = ("max", "avg")
+POOLS = ("avg", "max", "none")
 POOL_ORDERS = ("pool-then-reduce", "reduce-then-pool")
 
 
@@ -19,17 +19,19 @@ POOL_ORDERS = ("pool-then-reduce", "reduce-then-pool")
 class SnapKVScorer:
     """Attention of the last `window` prompt queries to every key, summed over the
     window; the prefix before the window is pooled along the sequence (`pool`, `kernel`)
-    so that neighbours of a strong key survive with it, as SnapKV, Ada-KV and kvpress
-    do. The window's own keys keep their unpooled sums: the policy protects the newest
-    ones, and pooling them would leak window attention into the prefix.
+    so that neighbours of a strong key survive with it. `pool` is "avg" (default, with
+    kernel 5: SnapKV's released code and kvpress's SnapKVPress), "max" (Ada-KV's code)
+    or "none". The window's own keys keep their unpooled sums: the policy protects the
+    newest ones, and pooling them would leak window attention into the prefix.
 
     GQA: `pool_order` "pool-then-reduce" pools each query head, then reduces the group
     by `group_reduce`; "reduce-then-pool" reduces first, as Ada-KV's GQA code does
-    (averaging the group's attention, then pooling). Only window x tokens logits are formed.
+    (averaging the group's attention, then pooling); with avg pooling and the mean the
+    two orders are the same. Only window x tokens logits are formed.
     """
 
-    kernel: int = 7
-    pool: str = "max"
+    kernel: int = 5
+    pool: str = "avg"
     group_reduce: str = "mean"
     pool_order: str = "pool-then-reduce"
     name: str = "snapkv"
@@ -55,7 +57,7 @@ class SnapKVScorer:
             sums = reduce_group(sums, self.group_reduce).unsqueeze(2)
         b, hkv, g, t = sums.shape
         prefix = t - window
-        if prefix > 0:
+        if prefix > 0 and self.pool != "none":
             pool = F.max_pool1d if self.pool == "max" else F.avg_pool1d
             pooled = pool(
                 sums[..., :prefix].reshape(b * hkv * g, 1, prefix),
