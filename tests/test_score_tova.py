@@ -7,9 +7,9 @@ import math
 
 import torch
 
-from kvsqueeze.policy import Policy, ScoreInput
+from kvsqueeze.policy import Policy, ScoreInput, make_policy
 from kvsqueeze.policy.budget import Budget
-from kvsqueeze.policy.score import TOVAScorer
+from kvsqueeze.policy.score import TOVAHeadScorer, TOVAScorer
 
 
 def two_head_pattern() -> ScoreInput:
@@ -68,3 +68,13 @@ def test_tova_ignores_padding_and_gqa_groups_average_too():
     probs = torch.softmax(logits.masked_fill(~valid[:, None, None], float("-inf")), dim=-1)[:, :, 0]
     torch.testing.assert_close(scores[:, 0], probs.mean(dim=1))
     assert bool((scores[1, :, :3] == 0).all())
+
+
+def test_tova_head_ranks_each_head_by_its_own_last_query():
+    x = two_head_pattern()
+    scores = TOVAHeadScorer()(x)
+    torch.testing.assert_close(scores[0, 0], torch.tensor(softmax([0, 0, 6, 0, 0, 0, 0, 0])))
+    torch.testing.assert_close(scores[0, 1], torch.tensor(softmax([0, 0, 0, 0, 3, 3, 0, 0])))
+    keep = Policy("tova-head", TOVAHeadScorer(), budget=Budget(tokens=3), window=1).keep_mask(x, 0, 1)
+    assert keep[0, 1, 4] and keep[0, 1, 5] and not keep[0, 1, 2]  # head 1 keeps its own pair
+    assert make_policy("ada-tova-head", keep=0.5).scorer == TOVAHeadScorer()

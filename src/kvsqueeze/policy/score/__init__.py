@@ -7,6 +7,7 @@ from kvsqueeze.policy.score.random_baseline import RandomScorer
 from kvsqueeze.policy.score.snapkv import SnapKVScorer
 from kvsqueeze.policy.score.streamingllm import StreamingLLMScorer
 from kvsqueeze.policy.score.tova import TOVAScorer
+from kvsqueeze.policy.score.tova_head import TOVAHeadScorer
 
 SCORERS: dict[str, type] = {
     "snapkv": SnapKVScorer,
@@ -14,6 +15,7 @@ SCORERS: dict[str, type] = {
     "streamingllm": StreamingLLMScorer,
     "knorm": KNormScorer,
     "tova": TOVAScorer,
+    "tova-head": TOVAHeadScorer,
     "random": RandomScorer,
 }
 
@@ -26,6 +28,7 @@ __all__ = [
     "Scorer",
     "SnapKVScorer",
     "StreamingLLMScorer",
+    "TOVAHeadScorer",
     "TOVAScorer",
     "attention_probs",
 ]
