@@ -202,7 +202,7 @@ class FlatKV(KVStore):
         dst = new_starts[heads] + (src - self.starts[heads])
         total = int(capacity.sum())
         keys = self.keys.new_zeros((total, self.head_dim))
-        values = self.values.new_zeros((total, self.head_dim))
+        values = self.values.new_zeros((total, self.values.shape[-1]))  # may be wider than keys (quantized rows)
         positions = self.positions.new_full((total,), -1)
         keys[dst], values[dst], positions[dst] = self.keys[src], self.values[src], self.positions[src]
         self.keys, self.values, self.positions, self.capacity = keys, values, positions, capacity
