@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 from kvsqueeze.ops import append_tokens, attend, dense_causal_attention, policy_scores
 from kvsqueeze.policy import Policy, ScoreInput
@@ -91,7 +92,10 @@ class CompressedLayer:
         out = dense_causal_attention(query, keys, values, valid, scaling, sliding_window)
         if valid is None:
             valid = torch.ones(keys.shape[0], keys.shape[2], dtype=torch.bool, device=keys.device)
-        x = ScoreInput(query, keys, values, valid, scaling, self.policy.window, sliding_window)
+        # A layer that ran only the last prompt tokens (SwiftKV's upper layers) has queries
+        # for those alone; scorers find queries by slot, so earlier slots get zero queries.
+        observed = F.pad(query, (0, 0, keys.shape[2] - query.shape[2], 0))
+        x = ScoreInput(observed, keys, values, valid, scaling, self.policy.window, sliding_window)
         if self.on_prefill is not None:
             self.on_prefill(self.layer_idx, x)
         self.prefill(x)
@@ -127,13 +131,22 @@ class CompressedLayer:
         with valid[b, q] False) and attend over the store. Shapes as in forward()."""
         if self.store is None:
             raise RuntimeError(f"layer {self.layer_idx} has no prefill yet: call prefill() or forward() first")
-        b, hq, q_len, d = query.shape
-        hkv = self.num_kv_heads
-        head_valid = None if valid is None else valid.repeat_interleave(hkv, dim=0)
+        q_len = query.shape[2]
+        head_valid = None if valid is None else valid.repeat_interleave(self.num_kv_heads, dim=0)
         append_tokens(self.store, keys.flatten(0, 1), values.flatten(0, 1), positions, head_valid)
-        grouped = query.reshape(b * hkv, hq // hkv, q_len, d)
-        out = attend(grouped, self.store, positions.expand(b * hkv, q_len), scaling, sliding_window)
+        out = self.read(query, positions, scaling, sliding_window)
         added = q_len if valid is None else valid.sum(dim=-1)
         self.real_tokens = self.real_tokens + added
         self.seen += q_len
+        return out
+
+    def read(
+        self, query: torch.Tensor, positions: torch.Tensor, scaling: float, sliding_window: int | None = None
+    ) -> torch.Tensor:
+        """Attend queries at `positions` [q] over the store as it is, storing nothing (step()
+        after appending; a layer that shares this cache, e.g. SwiftKV's AcrossKV)."""
+        b, hq, q_len, d = query.shape
+        hkv = self.num_kv_heads
+        grouped = query.reshape(b * hkv, hq // hkv, q_len, d)
+        out = attend(grouped, self.store, positions.expand(b * hkv, q_len), scaling, sliding_window)
         return out.view(b, hq, q_len, d)

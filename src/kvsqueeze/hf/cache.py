@@ -22,6 +22,7 @@ from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvsqueeze.cache import CompressedLayer, PrefillCallback
+from kvsqueeze.ops import dense_causal_attention
 from kvsqueeze.policy import Policy
 
 ATTENTION_NAME = "kvsqueeze"
@@ -48,6 +49,9 @@ class PendingStep:
     layer: KVSqueezeLayer
     keys: torch.Tensor
     values: torch.Tensor
+    # True for a layer that reads another layer's entry (SwiftKV's AcrossKV): that layer
+    # stored these keys/values in this forward already, so this one only attends.
+    shared: bool = False
 
     def __getattr__(self, name: str):
         # Only another attention function would ask a PendingStep for tensor attributes.
@@ -106,8 +110,16 @@ class KVSqueezeLayer(CacheLayerMixin):
         """Store this forward's keys/values and return attention [b, q_heads, q, d].
         `padding_mask` is None when nothing in the batch is padded (decided once per
         forward by the mask function), so no layer checks it again."""
-        chunk_valid = None if padding_mask is None else padding_mask[:, -query.shape[2] :].to(torch.bool)
-        return self.compressed.forward(query, step.keys, step.values, chunk_valid, scaling, sliding_window)
+        # The chunk's slots are its keys' (SwiftKV's upper layers have queries for the last ones only).
+        t = step.keys.shape[2]
+        chunk_valid = None if padding_mask is None else padding_mask[:, -t:].to(torch.bool)
+        if not step.shared:
+            return self.compressed.forward(query, step.keys, step.values, chunk_valid, scaling, sliding_window)
+        seen = self.compressed.seen
+        if seen == t:  # this forward was the prefill: attend densely, as the storing layer did before compressing
+            return dense_causal_attention(query, step.keys, step.values, chunk_valid, scaling, sliding_window)
+        positions = torch.arange(seen - query.shape[2], seen, device=query.device)
+        return self.compressed.read(query, positions, scaling, sliding_window)
 
 
 def _text_config(model_or_config: PreTrainedModel | PreTrainedConfig) -> PreTrainedConfig:

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+import kvsqueeze.swiftkv  # noqa: F401  (registers the SwiftKV model type for from_pretrained)
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.hf.random_models import RANDOM_PREFIX, random_model, random_model_names
 from kvsqueeze.hf.tiny import TINY_ARCHITECTURES, byte_tokenizer, tiny_model
