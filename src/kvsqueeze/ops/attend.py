@@ -1,7 +1,8 @@
 """attend: attention over any KV store, the one entry point the compressed layer calls.
 
 It picks the path for the store's layout: a PagedKV's blocks go to paged_attention,
-a FlatKV (or any other KVStore) to ragged_attention. Each takes its Triton kernel
+a QuantizedKV's codes to quantized_attention (dequantized block by block, never the
+whole cache at once), a FlatKV (or any other KVStore) to ragged_attention. Each takes its Triton kernel
 for a decode step on CUDA and its torch reference otherwise.
 """
 
@@ -10,8 +11,10 @@ from __future__ import annotations
 import torch
 
 from kvsqueeze.ops.paged_attention import paged_attention
+from kvsqueeze.ops.quantized_attention import quantized_attention
 from kvsqueeze.ops.ragged_attention import ragged_attention
 from kvsqueeze.store import KVStore, PagedKV
+from kvsqueeze.store.quantized_kv import QuantizedKV
 
 
 def attend(
@@ -28,4 +31,6 @@ def attend(
     which are never repeated. Returns [heads, group, q, head_dim]."""
     if isinstance(store, PagedKV):
         return paged_attention(query, store, query_positions, scaling, sliding_window)
+    if isinstance(store, QuantizedKV):
+        return quantized_attention(query, store, query_positions, scaling, sliding_window)
     return ragged_attention(query, store, query_positions, scaling, sliding_window)

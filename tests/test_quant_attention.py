@@ -1,0 +1,74 @@
+"""Attention over a QuantizedKV equals attention over its dequantized copy (fp32)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvsqueeze.ops import attend, ragged_attention_reference
+from kvsqueeze.ops.quantized_attention import quantized_attention_reference
+from kvsqueeze.store.quantize import KVQuantizer
+from kvsqueeze.store.quantized_kv import QuantizedKV
+
+D = 32
+TOL = dict(atol=2e-5, rtol=2e-5)
+
+
+def make_store(bits: int, key_axis: str = "channel", seed: int = 0) -> QuantizedKV:
+    """Six heads keeping ragged random subsets of 90 tokens (one head keeps none),
+    then a few decode appends: quantized runs, shrunken groups and residuals mixed."""
+    gen = torch.Generator().manual_seed(seed)
+    heads, t = 6, 90
+    keys, values = torch.randn(heads, t + 8, D, generator=gen), torch.randn(heads, t + 8, D, generator=gen)
+    keep = torch.rand(heads, t, generator=gen) < torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0, 0.3])[:, None]
+    kv = QuantizedKV.from_dense(
+        keys[:, :t], values[:, :t], keep, quantizer=KVQuantizer(bits=bits, group=8, key_axis=key_axis), residual_len=6
+    )
+    kv.evict(torch.rand(heads, int(kv.lengths.max()), generator=gen) > 0.2)
+    for i in range(t, t + 8):
+        kv.append(keys[:, i : i + 1], values[:, i : i + 1], torch.tensor([i]))
+    return kv
+
+
+@pytest.mark.parametrize("key_axis", ["channel", "token"])
+@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("block", [4, 16, 512])
+def test_decode_step_equals_attention_over_the_dequantized_cache(bits, key_axis, block):
+    kv = make_store(bits, key_axis)
+    query = torch.randn(kv.num_heads, 3, 1, D, generator=torch.Generator().manual_seed(1))
+    q_pos = torch.full((kv.num_heads, 1), 98)
+    got = quantized_attention_reference(query, kv, q_pos, D**-0.5, block=block)
+    want = ragged_attention_reference(query, kv.dequantized(), q_pos, D**-0.5)
+    torch.testing.assert_close(got, want, **TOL)
+
+
+@pytest.mark.parametrize("window", [None, 20])
+def test_a_chunk_with_causal_masking_and_a_window(window):
+    """Several queries per head at earlier positions than some entries (a continued
+    prompt), through the attend() dispatcher, with and without a sliding window."""
+    kv = make_store(4, seed=2)
+    gen = torch.Generator().manual_seed(3)
+    query = torch.randn(kv.num_heads, 3, 5, D, generator=gen)
+    q_pos = torch.tensor([3, 40, 60, 80, 97])[None].expand(kv.num_heads, 5)
+    got = attend(query, kv, q_pos, 0.3, window)
+    want = ragged_attention_reference(query, kv.dequantized(), q_pos, 0.3, window)
+    torch.testing.assert_close(got, want, **TOL)
+    # Head 0 kept no prompt entry: its query at position 3 sees nothing and gets zeros.
+    assert torch.equal(got[0, :, 0], torch.zeros_like(got[0, :, 0]))
+
+
+def test_bf16_query_gets_bf16_output_close_to_the_dequantized_reference():
+    kv = make_store(8, seed=4)
+    query = torch.randn(kv.num_heads, 3, 1, D, generator=torch.Generator().manual_seed(5))
+    q_pos = torch.full((kv.num_heads, 1), 98)
+    got = quantized_attention_reference(query.bfloat16(), kv, q_pos, D**-0.5)
+    want = ragged_attention_reference(query, kv.dequantized(), q_pos, D**-0.5)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
+
+
+def test_blocks_never_hold_more_than_one_block_in_full_precision():
+    kv = make_store(4, seed=6)
+    sizes = [keys.shape[1] for keys, _, _, _ in kv.blocks(8)]
+    assert max(sizes[:-1]) <= 8  # the last is the residual, at most R + G - 1 entries
+    assert sizes[-1] == int(kv.residual.lengths.max())
