@@ -1,6 +1,7 @@
 """Scorers: which tokens matter, per (sequence, kv-head)."""
 
 from kvsqueeze.policy.score.base import ScoreInput, Scorer, attention_probs
+from kvsqueeze.policy.score.chunkkv import ChunkKVScorer
 from kvsqueeze.policy.score.h2o import H2OScorer
 from kvsqueeze.policy.score.knorm import KNormScorer
 from kvsqueeze.policy.score.random_baseline import RandomScorer
@@ -17,10 +18,12 @@ SCORERS: dict[str, type] = {
     "tova": TOVAScorer,
     "tova-head": TOVAHeadScorer,
     "random": RandomScorer,
+    "chunkkv": ChunkKVScorer,
 }
 
 __all__ = [
     "SCORERS",
+    "ChunkKVScorer",
     "H2OScorer",
     "KNormScorer",
     "RandomScorer",
