@@ -36,12 +36,13 @@ def row(policy: str = "snapkv", score: float = 1.0, **changes) -> dict:
 
 
 def table_rows(section: str) -> dict[str, str]:
-    """policy -> its cells, from the first score table of a summary section."""
+    """policy -> its cells' means (without their intervals), from the first score table
+    of a summary section."""
     cells = {}
     for line in section.splitlines():
         if line.startswith("| ") and not line.startswith("| policy") and not line.startswith("| *KV"):
             name, *rest = [c.strip() for c in line.strip("|").split("|")]
-            cells.setdefault(name, " ".join(rest))
+            cells.setdefault(name, " ".join(c.split(" [")[0] for c in rest))
     return cells
 
 
