@@ -13,7 +13,9 @@ from kvsqueeze.policy.score import SCORERS
 from kvsqueeze.policy.score.base import GROUP_REDUCTIONS
 from kvsqueeze.policy.score.snapkv import POOLS
 
-STREAMING_SINKS = 4
+# Scorers whose method keeps the first tokens (attention sinks) whatever they score:
+# StreamingLLM, and Expected Attention (kvpress keeps 4 sinks out of its statistics and scores).
+SINKS = {"streamingllm": 4, "expected-attention": 4}
 
 
 def make_policy(
@@ -68,5 +70,5 @@ def make_policy(
         allocator=allocator,
         schedule=SCHEDULES[parsed.schedule](),
         window=window,
-        sinks=STREAMING_SINKS if parsed.scorer == "streamingllm" else 0,
+        sinks=SINKS.get(parsed.scorer, 0),
     )

@@ -2,6 +2,7 @@
 
 from kvsqueeze.policy.score.base import ScoreInput, Scorer, attention_probs
 from kvsqueeze.policy.score.chunkkv import ChunkKVScorer
+from kvsqueeze.policy.score.expected_attention import ExpectedAttentionScorer
 from kvsqueeze.policy.score.h2o import H2OScorer
 from kvsqueeze.policy.score.knorm import KNormScorer
 from kvsqueeze.policy.score.random_baseline import RandomScorer
@@ -19,11 +20,13 @@ SCORERS: dict[str, type] = {
     "tova-head": TOVAHeadScorer,
     "random": RandomScorer,
     "chunkkv": ChunkKVScorer,
+    "expected-attention": ExpectedAttentionScorer,
 }
 
 __all__ = [
     "SCORERS",
     "ChunkKVScorer",
+    "ExpectedAttentionScorer",
     "H2OScorer",
     "KNormScorer",
     "RandomScorer",
