@@ -133,6 +133,35 @@ def test_per_request_policy(served, client):
         assert got.choices[0].text == want
 
 
+def test_kv_prefix_is_compressed_once_and_shared(served, client):
+    document = "The vault code is 7291. " + "Filler text about nothing. " * 8
+    questions = ["Q: code? A:", "Q: vault? A:"]
+
+    def offline(question: str) -> str:
+        def run():
+            params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+            seq = served.engine.add_request(question, params, prefix=document)
+            while not seq.is_finished:
+                served.engine.step()
+            return seq.text
+
+        return served.async_engine.call(run)
+
+    prefixes = served.engine.blocks.prefixes
+    hits = prefixes.hits
+    for q in questions:
+        got = client.completions.create(
+            model="tiny", prompt=q, max_tokens=6, temperature=0, extra_body={"ignore_eos": True, "kv_prefix": document}
+        )
+        assert got.choices[0].text == offline(q)
+    assert prefixes.hits - hits == 2 * len(questions) - 1  # only the first request computed the document
+    served.async_engine.call(prefixes.clear)
+    assert served.pool_whole()
+    chat = {"messages": [{"role": "user", "content": "hi"}], "kv_prefix": document}
+    r = httpx.post(served.url + "/v1/chat/completions", json=chat, headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 400 and "completions only" in r.json()["error"]["message"]
+
+
 @pytest.mark.parametrize(
     ("body", "status", "needle"),
     [
@@ -151,6 +180,9 @@ def test_per_request_policy(served, client):
         ({"prompt": "hi", "kv_tokens": 10**30}, 400, "token budget"),
         ({"prompt": "hi", "seed": 10**30}, 400, "seed"),
         ({"prompt": "hi", "seed": -1}, 400, "seed"),
+        ({"prompt": "hi", "kv_prefix": ""}, 400, "kv_prefix"),
+        ({"prompt": "", "kv_prefix": "a document"}, 400, "prompt after it"),
+        ({"prompt": "hi", "kv_prefix": "a document", "kv_max_tokens": 64}, 400, "shared prefix"),
     ],
 )
 def test_bad_requests_get_openai_errors(served, body, status, needle):

@@ -85,6 +85,7 @@ class AsyncLLMEngine:
         params: SamplingParams,
         policy: Policy | None = None,
         max_kv_tokens: int | None = None,
+        prefix: list[int] | None = None,
     ) -> RequestStream:
         """Queue a request (bad input raises here, before anything streams) and return
         its outputs as an async iterator; closing it early aborts the request."""
@@ -92,7 +93,7 @@ class AsyncLLMEngine:
         outputs: asyncio.Queue = asyncio.Queue()
 
         def add() -> int:
-            seq = self.engine.add_request(prompt_token_ids, params, policy, max_kv_tokens)
+            seq = self.engine.add_request(prompt_token_ids, params, policy, max_kv_tokens, prefix)
             self._streams[seq.seq_id] = (loop, outputs)
             return seq.seq_id
 

@@ -6,7 +6,8 @@ all layers; each (layer, sequence) has its own PagedKV, i.e. a block table per
 block at a time per head, shrinks when its policy evicts (freed blocks go straight
 back to the pool) and leaves when it finishes or is preempted. The scheduler asks
 here how many blocks a step needs, so it admits sequences by their real,
-compressed footprint.
+compressed footprint. Compressed shared prefixes live in its PrefixCache, as forks
+of the stores of the sequence that computed them.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Callable
 
 import torch
 
+from kvsqueeze.engine.prefix_cache import PrefixCache
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.store import BlockPool, PagedKV
 
@@ -45,6 +47,7 @@ class BlockManager:
         self.num_layers, self.num_kv_heads, self.block_size = num_layers, num_kv_heads, block_size
         self.kv: dict[int, list[PagedKV | None]] = {}  # seq_id -> per layer (None until it joins that layer)
         self.on_free: list[Callable[[int], None]] = []  # told of every sequence whose blocks are freed
+        self.prefixes = PrefixCache()
 
     # ------------------------------------------------------------------ accounting
     @property
@@ -69,6 +72,12 @@ class BlockManager:
                 lengths, owned = kv.lengths.tolist(), kv.num_blocks.tolist()
                 total += sum(max(0, -(-(n + n_tokens) // size) - b) for n, b in zip(lengths, owned, strict=True))
         return total
+
+    def blocks_for_fork(self, layers: list[PagedKV], n_tokens: int) -> int:
+        """Blocks a sequence forking `layers` (a cached prefix) takes to add n_tokens:
+        new blocks, plus a private copy of every partly filled shared last block."""
+        size = self.block_size
+        return sum(-(-(n + n_tokens) // size) - n // size for kv in layers for n in kv.lengths.tolist())
 
     def stored_tokens(self, seq_id: int) -> int:
         return sum(kv.num_tokens for kv in self.kv.get(seq_id, []) if kv is not None)
@@ -96,14 +105,38 @@ class BlockManager:
         kv.join(keys, values, positions=positions)
         return kv
 
+    def fork_prefix(self, seq_id: int, layers: list[PagedKV]) -> None:
+        """The sequence starts on a cached prefix: its layers share the prefix's blocks
+        and own copies of their partly filled last blocks (blocks_for_fork counts them)."""
+        if seq_id in self.kv:
+            raise RuntimeError(f"sequence {seq_id} already holds KV")
+        forks = self.kv[seq_id] = [kv.fork() for kv in layers]
+        for kv in forks:
+            kv.unshare_tails()
+
+    def cache_prefix(self, seq_id: int, key: tuple) -> bool:
+        """Keep the sequence's just-compressed prefix for reuse, if the pool has room for
+        the copies of the partly filled last blocks the sequence goes on writing into."""
+        layers = self.kv[seq_id]
+        tails = sum(1 for kv in layers for n in kv.lengths.tolist() if n % self.block_size)
+        if tails > self.num_free_blocks:
+            self.prefixes.cancel(seq_id)
+            return False
+        self.prefixes.put(key, layers)
+        for kv in layers:
+            kv.unshare_tails()
+        return True
+
     def free(self, seq_id: int) -> None:
-        """Return every block of the sequence to the pool (finished, aborted or preempted)."""
+        """Return every block of the sequence to the pool (finished, aborted or preempted);
+        blocks a cached prefix also holds stay with it."""
         for kv in self.kv.pop(seq_id, []):
             if kv is not None and kv.num_heads:
                 kv.leave(slice(0, kv.num_heads))
+        self.prefixes.cancel(seq_id)
         for listener in self.on_free:
             listener(seq_id)
 
     def is_whole(self) -> bool:
-        """No sequence holds blocks and every block is free: nothing leaked."""
-        return not self.kv and self.pool.num_free == self.pool.num_blocks
+        """No sequence and no cached prefix holds blocks, and every block is free: nothing leaked."""
+        return not self.kv and not self.prefixes and self.pool.num_free == self.pool.num_blocks

@@ -60,10 +60,11 @@ class PagedCompressedCache:
         decode: list[tuple[int, PagedKV, ScheduledChunk]] = []  # (token offset, store, chunk)
         offset = 0
         for chunk in self.chunks:
-            n, seq_id = chunk.num_tokens, chunk.seq.seq_id
+            n, seq = chunk.num_tokens, chunk.seq
             span = slice(offset, offset + n)
-            store = self.blocks.layer(seq_id, layer_idx)
-            if n == 1 and store is not None and not chunk.ends_prompt:
+            store = self.blocks.layer(seq.seq_id, layer_idx)
+            scored = chunk.start < seq.compress_at and seq.policy.compresses  # its queries feed the policy
+            if n == 1 and store is not None and not scored:
                 decode.append((offset, store, chunk))
             else:
                 out[span] = self._chunk(layer_idx, chunk, q[span], k[span], v[span], store)
@@ -117,20 +118,19 @@ class PagedCompressedCache:
             grouped = queries.reshape(hkv, hq // hkv, n, d)
             out = _gathered_attention(grouped, store.pool, slots, live, positions.expand(hkv, n), self.scaling, window)
             out = out.reshape(hq, n, d)
-        in_prompt = chunk.start < chunk.seq.num_prompt_tokens
-        if in_prompt and chunk.seq.policy.compresses:
+        if chunk.start < chunk.seq.compress_at and chunk.seq.policy.compresses:
             key = (chunk.seq.seq_id, layer_idx)
             self._prompt_queries.setdefault(key, []).append(q)
-            if chunk.ends_prompt:
+            if chunk.compresses:
                 queries = torch.cat(self._prompt_queries.pop(key))
                 self._compress(layer_idx, chunk, store, queries)
                 self._bound(layer_idx, chunk, store, queries)
-        elif not in_prompt:  # a recomputed sequence's generated tokens, fed back as one chunk
+        elif chunk.start >= chunk.seq.num_prompt_tokens:  # a recomputed sequence's generated tokens
             self._bound(layer_idx, chunk, store, q)
         return out.transpose(0, 1)
 
     def _compress(self, layer_idx: int, chunk: ScheduledChunk, store: PagedKV, queries: torch.Tensor) -> None:
-        """Score the whole prompt (all heads hold it uncompressed) and evict."""
+        """Score the whole prompt, or its shared prefix (all heads hold it uncompressed), and evict."""
         policy = chunk.seq.policy
         keys, values, _, _ = store.padded()  # [hkv, t, d]
         t = keys.shape[1]

@@ -27,8 +27,11 @@ class LLM:
         prompts: str | list[str] | list[list[int]],
         sampling_params: SamplingParams | list[SamplingParams] | None = None,
         use_tqdm: bool = True,
+        prefix: str | list[int] | None = None,
     ) -> list[RequestOutput]:
-        """Run every prompt to completion; outputs in the order of `prompts`."""
+        """Run every prompt to completion; outputs in the order of `prompts`. With
+        `prefix` (e.g. a document the prompts ask about), every prompt continues it and
+        the prefix is compressed once, question-agnostically, and shared."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params = (
@@ -39,7 +42,8 @@ class LLM:
         if len(params) != len(prompts):
             raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts")
         order = {
-            self.engine.add_request(p, sp).seq_id: i for i, (p, sp) in enumerate(zip(prompts, params, strict=True))
+            self.engine.add_request(p, sp, prefix=prefix).seq_id: i
+            for i, (p, sp) in enumerate(zip(prompts, params, strict=True))
         }
         results: list[RequestOutput | None] = [None] * len(prompts)
         with tqdm(total=len(prompts), desc="generate", disable=not use_tqdm) as bar:

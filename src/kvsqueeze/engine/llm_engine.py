@@ -9,6 +9,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import torch
+
 from kvsqueeze.engine.attention_batch import AttentionBatch
 from kvsqueeze.engine.block_manager import BlockManager
 from kvsqueeze.engine.detokenizer import take_delta, update_text
@@ -113,12 +115,25 @@ class LLMEngine:
         params: SamplingParams | None = None,
         policy: Policy | None = None,
         max_kv_tokens: int | None = None,
+        prefix: str | list[int] | None = None,
     ) -> Sequence:
-        """Queue a request; `policy` and `max_kv_tokens` override the engine's for it."""
+        """Queue a request; `policy` and `max_kv_tokens` override the engine's for it.
+
+        `prefix` (a document many requests share) goes before `prompt`: the policy
+        compresses it on its own, question-agnostically, and later requests with the
+        same prefix and policy reuse its compressed KV instead of prefilling it."""
         params = params or SamplingParams()
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise KVSqueezeError("empty prompt: a request needs at least one token")
+        prefix_ids: list[int] = []
+        if prefix is not None:
+            prefix_ids = self.tokenizer.encode(prefix) if isinstance(prefix, str) else list(prefix)
+            if not prefix_ids:
+                raise KVSqueezeError("empty prefix: give at least one token, or no prefix")
+            if isinstance(prompt, str):  # the prompt continues the prefix: no second BOS
+                ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+            ids = prefix_ids + ids
         if len(ids) + params.max_tokens > self.max_model_len:
             raise KVSqueezeError(
                 f"prompt of {len(ids)} tokens + max_tokens {params.max_tokens} passes the model's "
@@ -131,7 +146,7 @@ class LLMEngine:
                 f"before compression, the pool has {self.blocks.num_blocks}: give more kv memory"
             )
         cap = max_kv_tokens if max_kv_tokens is not None else self.args.max_kv_tokens
-        seq = Sequence(ids, params, policy or self.default_policy, max_kv_tokens=cap)
+        seq = Sequence(ids, params, policy or self.default_policy, max_kv_tokens=cap, prefix_len=len(prefix_ids))
         self.seqs[seq.seq_id] = seq
         self.scheduler.add(seq)
         return seq
@@ -149,6 +164,7 @@ class LLMEngine:
         return self.scheduler.has_unfinished()
 
     # ------------------------------------------------------------------ one step
+    @torch.inference_mode()  # the scheduler forks and copies blocks made inside the forward
     def step(self) -> list[RequestOutput]:
         chunks = self.scheduler.schedule()
         if not chunks:
@@ -163,6 +179,8 @@ class LLMEngine:
         seqs = [chunks[i].seq for i in sampling]
         tokens = sample(logits[sampling], [s.params for s in seqs], [s.generator for s in seqs]) if seqs else []
         for c in chunks:
+            if c.seq.prefix_len and c.end == c.seq.prefix_len:
+                self.blocks.cache_prefix(c.seq.seq_id, c.seq.prefix_key)
             c.seq.num_computed = c.end
         now = time.perf_counter()
         outputs = [self._advance(seq, token, now) for seq, token in zip(seqs, tokens, strict=True)]

@@ -24,6 +24,9 @@ class _Common(BaseModel):
     kv_keep: float | None = None
     kv_tokens: int | None = None
     kv_max_tokens: int | None = None  # per-head cap while decoding
+    # A document the prompt continues, compressed once and shared by requests that repeat it
+    # (completions only: a chat template wraps the whole conversation).
+    kv_prefix: str | None = None
 
 
 class CompletionRequest(_Common):

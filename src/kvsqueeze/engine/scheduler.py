@@ -4,9 +4,12 @@
 Every step runs the running sequences first (one token each in decode, the next
 chunk of a prompt otherwise), oldest first, then admits waiting sequences while the
 step's token budget and the pool allow. A prompt's last chunk ends exactly at the
-prompt, so its policy compresses the whole prompt at once, as the HF path does.
-When a running sequence cannot grow, the newest running sequence gives its blocks
-back and waits to be recomputed; nothing ever runs out of memory.
+prompt, so its policy compresses the whole prompt at once, as the HF path does (a
+shared prefix's end is a chunk boundary too). A waiting sequence whose prefix is
+cached starts after it, on forked blocks; one whose prefix another sequence is
+computing waits for it. When a running sequence cannot grow, cached prefixes go
+first (least recently used), then the newest running sequence gives its blocks back
+and waits to be recomputed; nothing ever runs out of memory.
 """
 
 from __future__ import annotations
@@ -37,6 +40,11 @@ class ScheduledChunk:
     def ends_prompt(self) -> bool:
         """The chunk completes the prompt: the policy compresses after it."""
         return self.start < self.seq.num_prompt_tokens <= self.end
+
+    @property
+    def compresses(self) -> bool:
+        """The chunk completes what the policy compresses (the prompt, or its shared prefix)."""
+        return self.start < self.seq.compress_at <= self.end
 
     @property
     def samples(self) -> bool:
@@ -74,12 +82,16 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
 
-    def _next_chunk(self, seq: Sequence, budget: int) -> int:
-        """Tokens of `seq` to run next, within `budget`; a prompt's end is a chunk boundary."""
-        remaining = seq.num_tokens - seq.num_computed
-        if seq.num_computed < seq.num_prompt_tokens:
-            remaining = seq.num_prompt_tokens - seq.num_computed
-        return min(remaining, budget)
+    def _next_chunk(self, seq: Sequence, budget: int, start: int | None = None) -> int:
+        """Tokens of `seq` to run next from `start` (default: what it has computed), within
+        `budget`; the ends of a shared prefix and of the prompt are chunk boundaries."""
+        start = seq.num_computed if start is None else start
+        end = seq.num_tokens
+        for boundary in (seq.prefix_len, seq.num_prompt_tokens):
+            if start < boundary:
+                end = boundary
+                break
+        return min(end - start, budget)
 
     def _preempt(self, seq: Sequence) -> None:
         self.blocks.free(seq.seq_id)
@@ -100,6 +112,8 @@ class Scheduler:
                 continue
             need = self.blocks.blocks_for(seq.seq_id, n)
             while need > self.blocks.num_free_blocks - reserved:
+                if self.blocks.prefixes.drop_oldest():
+                    continue
                 victims = [s for s in self.running if s.seq_id not in scheduled and s is not seq]
                 if not victims:
                     break
@@ -111,13 +125,27 @@ class Scheduler:
             scheduled.add(seq.seq_id)
             budget -= n
             reserved += need
-        while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
-            seq = self.waiting[0]
-            n = self._next_chunk(seq, budget)
-            need = self.blocks.blocks_for(seq.seq_id, n)
+        prefixes = self.blocks.prefixes
+        for seq in list(self.waiting):
+            if len(self.running) >= self.max_num_seqs or budget <= 0:
+                break
+            key = seq.prefix_key if seq.num_computed == 0 else None
+            if key in prefixes.pending:
+                continue  # another sequence is computing this prefix: reuse it when it is done
+            hit = prefixes.get(key) if key is not None else None
+            n = self._next_chunk(seq, budget, seq.prefix_len if hit else None)
+            need = self.blocks.blocks_for_fork(hit, n) if hit else self.blocks.blocks_for(seq.seq_id, n)
+            while need > self.blocks.num_free_blocks - reserved and len(prefixes) > (hit is not None):
+                prefixes.drop_oldest()  # `hit` is the newest entry: dropped last, never here
             if need > self.blocks.num_free_blocks - reserved:
                 break
-            self.waiting.popleft()
+            self.waiting.remove(seq)
+            if hit:
+                self.blocks.fork_prefix(seq.seq_id, hit)
+                seq.num_computed = seq.prefix_len
+                prefixes.hits += 1
+            elif key is not None:
+                prefixes.pending[key] = seq.seq_id
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             chunks.append(ScheduledChunk(seq, n))

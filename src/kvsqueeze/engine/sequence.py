@@ -29,6 +29,10 @@ class Sequence:
     `num_computed` counts the tokens whose K/V the cache holds (logically: after
     compression fewer are stored); the prompt is prefilled in chunks until
     num_computed reaches its length, then each step decodes one token.
+
+    `prefix_len` > 0 names the first prompt tokens a shared prefix (prefix_cache.py):
+    the policy compresses them on their own, once, and requests with the same prefix
+    and policy reuse that compressed KV; the rest of the prompt is kept whole.
     """
 
     prompt_token_ids: list[int]
@@ -47,10 +51,21 @@ class Sequence:
     num_preemptions: int = 0
     generator: torch.Generator | None = None
     max_kv_tokens: int | None = None  # per-head cap while decoding (None: no eviction after the prompt)
+    prefix_len: int = 0
+    prefix_key: tuple | None = field(default=None, init=False)  # (policy, prefix ids): the cache's key
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:
             raise ValueError("empty prompt: a request needs at least one token")
+        if self.prefix_len:
+            if not 0 < self.prefix_len < len(self.prompt_token_ids):
+                raise ValueError(
+                    f"a shared prefix of {self.prefix_len} tokens must leave at least one prompt token after it "
+                    f"(the prompt has {len(self.prompt_token_ids)})"
+                )
+            if self.max_kv_tokens is not None:
+                raise ValueError("max_kv_tokens cannot be combined with a shared prefix: its blocks are read-only")
+            self.prefix_key = (self.policy, tuple(self.prompt_token_ids[: self.prefix_len]))
         if self.max_kv_tokens is not None:
             if not self.policy.compresses:
                 raise ValueError(f"max_kv_tokens needs a policy that scores tokens; {self.policy.name!r} keeps all")
@@ -73,6 +88,11 @@ class Sequence:
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
+
+    @property
+    def compress_at(self) -> int:
+        """Tokens the policy compresses at once: the shared prefix, else the whole prompt."""
+        return self.prefix_len or len(self.prompt_token_ids)
 
     @property
     def in_prefill(self) -> bool:

@@ -117,11 +117,12 @@ def build_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = Non
             raise APIError(400, str(exc)) from exc
         return params, policy
 
-    async def _respond(body: _Common, prompt_ids: list[int], params, policy, chat: bool):
+    async def _respond(body: _Common, prompt_ids: list[int], params, policy, chat: bool, prefix_len: int = 0):
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())
+        prefix, rest = (prompt_ids[:prefix_len], prompt_ids[prefix_len:]) if prefix_len else (None, prompt_ids)
         try:
-            stream = await engine.add(prompt_ids, params, policy, body.kv_max_tokens)
+            stream = await engine.add(rest, params, policy, body.kv_max_tokens, prefix)
         except ValueError as exc:
             raise APIError(400, str(exc)) from exc
         if body.stream:
@@ -166,17 +167,24 @@ def build_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = Non
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest):
-        if isinstance(body.prompt, str):
-            ids = llm.tokenizer.encode(body.prompt) if body.prompt else []
+        prefix = llm.tokenizer.encode(body.kv_prefix) if body.kv_prefix else []
+        if body.kv_prefix is not None and not prefix:
+            raise APIError(400, "kv_prefix is empty: give the shared document, or leave it out", param="kv_prefix")
+        if isinstance(body.prompt, str):  # after a prefix, the prompt continues it: no second BOS
+            ids = llm.tokenizer.encode(body.prompt, add_special_tokens=not prefix) if body.prompt else []
         else:
             ids = list(body.prompt)
             if any(not 0 <= t < llm.vocab_size for t in ids):
                 raise APIError(400, f"prompt token ids must be in [0, {llm.vocab_size})", param="prompt")
-        params, policy = _prepare(body, ids, body.max_tokens)
-        return await _respond(body, ids, params, policy, chat=False)
+        if prefix and not ids:
+            raise APIError(400, "empty prompt: a request with kv_prefix needs a prompt after it", param="prompt")
+        params, policy = _prepare(body, prefix + ids, body.max_tokens)
+        return await _respond(body, prefix + ids, params, policy, chat=False, prefix_len=len(prefix))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest):
+        if body.kv_prefix is not None:
+            raise APIError(400, "kv_prefix is accepted by /v1/completions only", param="kv_prefix")
         messages = [m.model_dump() for m in body.messages]
         try:
             ids = apply_chat_template(llm.tokenizer, messages)
