@@ -66,7 +66,7 @@ def measure(model: PreTrainedModel, input_ids: torch.Tensor, cache: Cache, new_t
     with torch.inference_mode(), PeakMemory(device) as peak:
         _sync(device)
         start = time.perf_counter()
-        logits = model(input_ids, past_key_values=cache, use_cache=True).logits
+        logits = model(input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
         _sync(device)
         prefill = time.perf_counter() - start
         token = logits[:, -1:].argmax(dim=-1)

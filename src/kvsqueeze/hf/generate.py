@@ -69,10 +69,12 @@ def generate(
     with torch.inference_mode(), cache:
         start = time.perf_counter()
         if question_aware or not question_ids or not context_ids:
-            logits = model(prompt, past_key_values=cache, use_cache=True).logits
+            logits = model(prompt, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
         else:
             model(prompt[:, : len(context_ids)], past_key_values=cache, use_cache=True)
-            logits = model(prompt[:, len(context_ids) :], past_key_values=cache, use_cache=True).logits
+            logits = model(
+                prompt[:, len(context_ids) :], past_key_values=cache, use_cache=True, logits_to_keep=1
+            ).logits
         prefill_seconds = time.perf_counter() - start
         kept = cache.kept_tokens_per_head(0)
         cache.reserve(max_new_tokens)  # room for every new token at once: no regrowth while decoding

@@ -34,7 +34,7 @@ from transformers.models.llama.modeling_llama import (
 )
 from transformers.utils.deprecation import deprecate_kwarg
 
-from kvsqueeze.hf.cache import KVSqueezeCache, PendingStep
+from kvsqueeze.hf.cache import ATTENTION_NAME, KVSqueezeCache, PendingStep
 from kvsqueeze.swiftkv.config import MODEL_TYPE, SwiftKVLlamaConfig
 
 Rotary = tuple[torch.Tensor, torch.Tensor]
@@ -159,7 +159,7 @@ class SwiftKVLlamaModel(LlamaModel):
         t = hidden.shape[1]
         if w < t:
             hidden, rotary = hidden[:, -w:], (rotary[0][:, -w:], rotary[1][:, -w:])
-            mask = tail_mask(mask, w, t, hidden.device)
+            mask = tail_mask(mask, w, t, self.config._attn_implementation, hidden.device)
         kv: KV | None = None
         for j in range(self.config.swiftkv_kv_layer, self.config.num_hidden_layers):
             if self.config.kv_leader(j) == j:
@@ -172,16 +172,17 @@ class SwiftKVLlamaModel(LlamaModel):
         return hidden
 
 
-def tail_mask(mask, w: int, t: int, device: torch.device) -> torch.Tensor | None:
-    """The attention mask for the last `w` of `t` queries: rows of a 4D mask; a 2D
-    padding mask (the kvsqueeze attention's) as is; for "no mask" (causal implied),
-    an explicit bottom-right causal one, as SDPA's is_causal aligns top-left."""
-    if isinstance(mask, torch.Tensor):
-        return mask[..., -w:, :] if mask.dim() == 4 else mask
+def tail_mask(mask, w: int, t: int, attn_implementation: str, device: torch.device) -> torch.Tensor | None:
+    """The attention mask for the last `w` of `t` queries: rows of a 4D mask; the
+    kvsqueeze attention's 2D padding mask (or None) as is, since it aligns queries to
+    the end of the keys; for sdpa's "no mask" (causal implied), an explicit
+    bottom-right causal one, as SDPA's is_causal aligns queries to the start."""
+    if isinstance(mask, torch.Tensor) and mask.dim() == 4:
+        return mask[..., -w:, :]
+    if attn_implementation == ATTENTION_NAME or w == 1:
+        return mask
     if mask is not None:
         raise ValueError(f"SwiftKV prefill skipping supports eager, sdpa and kvsqueeze attention, not {type(mask)}")
-    if w == 1:
-        return None
     rows = torch.arange(t - w, t, device=device)[:, None]
     return (rows >= torch.arange(t, device=device)[None, :])[None, None]
 
