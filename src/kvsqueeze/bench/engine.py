@@ -60,16 +60,17 @@ def bench_engine(
     device: str = "cpu",
     window: int = 32,
     on_policy: Callable[[str], None] | None = None,
+    compress_chunks: bool = False,
 ) -> list[EngineBenchRow]:
     """One timed run of the whole workload per policy, each on a fresh engine after a
-    short warm-up request."""
+    short warm-up request (`compress_chunks`: compress each prompt chunk as it runs)."""
     rows = []
     for policy in policies:
         if on_policy is not None:
             on_policy(policy)
         args = EngineArgs(
             model=str(model_dir), policy=policy, keep=keep, tokens=tokens, window=window,
-            kv_memory=kv_memory, dtype=dtype, device=device,
+            kv_memory=kv_memory, dtype=dtype, device=device, compress_chunks=compress_chunks,
         )  # fmt: skip
         engine = LLMEngine(args)
         prompts = essay_prompts(engine.tokenizer, num_prompts, prompt_len)

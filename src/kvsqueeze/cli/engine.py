@@ -30,6 +30,13 @@ from kvsqueeze.cli.app import (
 from kvsqueeze.errors import KVSqueezeError
 
 KvMemoryOption = Annotated[str, typer.Option("--kv-memory", help="KV block pool size, e.g. 1GiB, 512MiB")]
+CompressChunksOption = Annotated[
+    bool,
+    typer.Option(
+        "--compress-chunks/--compress-after-prefill",
+        help="compress each prompt chunk as it runs (bounded peak KV) or the whole prompt at its end",
+    ),
+]
 MaxKvTokensOption = Annotated[
     int | None,
     typer.Option(
@@ -49,6 +56,7 @@ def serve(
     alpha: AlphaOption = 0.2,
     kv_memory: KvMemoryOption = "1GiB",
     max_kv_tokens: MaxKvTokensOption = None,
+    compress_chunks: CompressChunksOption = False,
     dtype: DtypeOption = Dtype.bf16,
     device: DeviceOption = Device.cpu,
     host: Annotated[str, typer.Option("--host", help="address to bind (loopback by default)")] = "127.0.0.1",
@@ -74,7 +82,7 @@ def serve(
     args = EngineArgs(
         model=str(folder), policy=policy, keep=keep, tokens=tokens, window=window, alpha=alpha,
         kv_memory=kv_memory, dtype=dtype.value, device=device.value, max_num_seqs=max_num_seqs,
-        max_num_batched_tokens=max_num_batched_tokens, max_kv_tokens=max_kv_tokens,
+        max_num_batched_tokens=max_num_batched_tokens, max_kv_tokens=max_kv_tokens, compress_chunks=compress_chunks,
     )  # fmt: skip
     engine = AsyncLLMEngine(LLMEngine(args))
     typer.echo(
@@ -98,6 +106,7 @@ def bench_engine(
     prompt_len: Annotated[int, typer.Option("--prompt-len", min=1, max=MAX_TOKENS)] = 2048,
     output_len: Annotated[int, typer.Option("--output-len", min=1, max=MAX_TOKENS)] = 256,
     kv_memory: KvMemoryOption = "1GiB",
+    compress_chunks: CompressChunksOption = False,
     dtype: DtypeOption = Dtype.bf16,
     device: DeviceOption = Device.cpu,
     as_json: Annotated[bool, typer.Option("--json", metavar="", help="print a JSON list of rows")] = False,
@@ -121,6 +130,7 @@ def bench_engine(
     rows = run(
         model_folder(model), names, keep, tokens, num_prompts, prompt_len, output_len, kv_memory, dtype.value,
         device.value, window, on_policy=lambda name: console.print(f"[bold]policy {name}[/bold]"),
+        compress_chunks=compress_chunks,
     )  # fmt: skip
     if as_json:
         typer.echo(json.dumps([row.as_dict() for row in rows]))

@@ -31,6 +31,21 @@ def evict_over_cap(
 ) -> bool:
     """Evict every head of `store` holding more than `cap` entries down to 7/8 of cap.
     recent [q_heads, w, d] are the last w queries. Returns whether anything was evicted."""
+    return evict_heads(policy, layer_idx, num_layers, store, recent, cap, cap - cap // 8, scaling)
+
+
+def evict_heads(
+    policy: Policy,
+    layer_idx: int,
+    num_layers: int,
+    store: PagedKV,
+    recent: torch.Tensor,
+    cap: int,
+    target: int,
+    scaling: float,
+) -> bool:
+    """Evict every head of `store` holding more than `cap` entries down to `target`,
+    scored by the recent queries [q_heads, w, d]. Returns whether anything was evicted."""
     lengths = store.lengths.cpu()
     over = lengths > cap
     if not bool(over.any()):
@@ -47,7 +62,7 @@ def evict_over_cap(
     queries = recent.new_zeros(hkv, group, longest, d)
     queries[:, :, longest - w :] = recent[:, recent.shape[1] - w :].view(hkv, group, w, d)
     x = ScoreInput(queries, left_keys[:, None], left_values[:, None], valid, scaling, min(policy.window, w))
-    cut = dataclasses.replace(policy, budget=Budget(tokens=cap - cap // 8), schedule=FlatSchedule())
+    cut = dataclasses.replace(policy, budget=Budget(tokens=target), schedule=FlatSchedule())
     keep_left = cut.keep_mask(x, layer_idx, num_layers)[:, 0]  # [hkv, L], left-aligned
     keep = keep_left.gather(1, (column + shift[:, None]).clamp_max(longest - 1)) & live
     keep[~over.to(keep.device)] = live[~over.to(keep.device)]

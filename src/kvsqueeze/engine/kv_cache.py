@@ -8,7 +8,8 @@ position; then all one-token decode rows of the step are appended and attend in
 one batched call over a single gather of their blocks. When a chunk completes a
 prompt, the layer's policy scores the whole prompt (its queries, kept since the
 first chunk, and its keys), exactly as the HF path does after a dense prefill, and
-evicts; the freed blocks go back to the pool at once.
+evicts; the freed blocks go back to the pool at once. With `compress_chunks`, every
+prompt chunk is compressed as soon as it has run instead (bounded peak KV).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Sequence
 import torch
 
 from kvsqueeze.engine.block_manager import BlockManager
-from kvsqueeze.engine.decode_eviction import evict_over_cap
+from kvsqueeze.engine.decode_eviction import evict_heads, evict_over_cap
 from kvsqueeze.engine.scheduler import ScheduledChunk
 from kvsqueeze.ops import dense_causal_attention, policy_scores
 from kvsqueeze.ops.padded_attention import padded_attention
@@ -29,9 +30,14 @@ from kvsqueeze.store.paged_kv import append_step, step_slots
 
 class PagedCompressedCache:
     def __init__(
-        self, blocks: BlockManager, num_heads: int, scaling: float, sliding_windows: Sequence[int | None]
+        self,
+        blocks: BlockManager,
+        num_heads: int,
+        scaling: float,
+        sliding_windows: Sequence[int | None],
+        compress_chunks: bool = False,
     ) -> None:
-        self.blocks = blocks
+        self.blocks, self.compress_chunks = blocks, compress_chunks
         self.num_heads, self.scaling, self.sliding_windows = num_heads, scaling, tuple(sliding_windows)
         self.num_layers = blocks.num_layers
         self.chunks: list[ScheduledChunk] = []
@@ -118,7 +124,9 @@ class PagedCompressedCache:
             grouped = queries.reshape(hkv, hq // hkv, n, d)
             out = _gathered_attention(grouped, store.pool, slots, live, positions.expand(hkv, n), self.scaling, window)
             out = out.reshape(hq, n, d)
-        if chunk.start < chunk.seq.compress_at and chunk.seq.policy.compresses:
+        if chunk.start < chunk.seq.compress_at and chunk.seq.policy.compresses and self.compress_chunks:
+            self._compress_chunk(layer_idx, chunk, store, q)
+        elif chunk.start < chunk.seq.compress_at and chunk.seq.policy.compresses:
             key = (chunk.seq.seq_id, layer_idx)
             self._prompt_queries.setdefault(key, []).append(q)
             if chunk.compresses:
@@ -145,6 +153,20 @@ class PagedCompressedCache:
         )
         keep = policy.keep_mask(x, layer_idx, self.num_layers, policy_scores(policy.scorer, x))
         store.evict(keep[0])
+
+    def _compress_chunk(self, layer_idx: int, chunk: ScheduledChunk, store: PagedKV, q: torch.Tensor) -> None:
+        """Per-chunk compression: after each chunk, cut every head to the layer's budget
+        for the tokens seen so far, scored by the chunk's own last `window` queries, so a
+        long prompt's KV never holds much more than its budget plus one chunk. Each head
+        is cut on its own (uniform allocation: Ada-KV's cross-head ranking needs the
+        heads aligned, as they are only when the whole prompt is compressed at once)."""
+        policy = chunk.seq.policy
+        seen = torch.tensor([chunk.end])
+        target = int(policy.schedule(policy.budget.per_head(seen), layer_idx, self.num_layers, policy.window, seen)[0])
+        recent = q.transpose(0, 1)[:, -policy.window :]  # [hq, w, d]
+        evict_heads(policy, layer_idx, self.num_layers, store, recent, target, target, self.scaling)
+        if chunk.compresses:
+            self._bound(layer_idx, chunk, store, q)
 
     def _decode(self, q: torch.Tensor, stores: list[PagedKV], positions: list[int], window: int | None) -> torch.Tensor:
         """One new token per sequence: every sequence's heads in one SDPA over one gather."""

@@ -62,6 +62,7 @@ class EngineArgs:
     max_num_batched_tokens: int = 2048
     block_size: int = 16
     max_kv_tokens: int | None = None  # per-head cap while decoding; the policy evicts past it
+    compress_chunks: bool = False  # compress each prompt chunk as it runs, not the whole prompt at its end
 
 
 class LLMEngine:
@@ -82,7 +83,9 @@ class LLMEngine:
             parse_bytes(args.kv_memory),
             args.block_size,
         )
-        self.cache = PagedCompressedCache(self.blocks, cfg.num_heads, cfg.head_dim**-0.5, cfg.sliding_windows)
+        self.cache = PagedCompressedCache(
+            self.blocks, cfg.num_heads, cfg.head_dim**-0.5, cfg.sliding_windows, args.compress_chunks
+        )
         self.scheduler = Scheduler(self.blocks, args.max_num_seqs, args.max_num_batched_tokens)
         self.default_policy = make_policy(args.policy, args.keep, args.tokens, window=args.window, alpha=args.alpha)
         self.metrics = EngineMetrics()
