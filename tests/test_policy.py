@@ -343,7 +343,19 @@ def test_policy_rejects_negative_window():
 def test_every_preset_builds():
     names = policy_names()
     assert len(names) == len(set(names))
-    for required in ("full", "snapkv", "h2o", "streamingllm", "knorm", "tova", "random", "pyramidkv"):
+    for required in (
+        "full",
+        "snapkv",
+        "h2o",
+        "streamingllm",
+        "knorm",
+        "tova",
+        "tova-head",
+        "random",
+        "pyramidkv",
+        "chunkkv",
+        "expected-attention",
+    ):
         assert required in names
         assert f"ada-{required}" in names or required == "full"
     for name in names:
