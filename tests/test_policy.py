@@ -273,8 +273,8 @@ def test_adakv_alpha_one_is_uniform_and_alpha_zero_has_no_safeguard():
 
 def test_adakv_picks_the_global_top_scores():
     scores = skewed_scores(b=1)
-    counts = AdaKVAllocator(alpha=0.0)(scores, torch.tensor([20]))
-    # With no safeguard the kept set is exactly the global top-(heads x B).
+    counts = AdaKVAllocator(alpha=0.0, pool_kernel=1)(scores, torch.tensor([20]))
+    # The paper's rule with no safeguard: the kept set is exactly the global top-(heads x B).
     threshold = scores.flatten().sort(descending=True).values[4 * 20 - 1]
     assert torch.equal(counts[0], (scores[0] >= threshold).sum(dim=-1))
 

@@ -97,7 +97,7 @@ def test_adakv_paper_safeguard_follows_the_papers_code(budget):
     gen = torch.Generator().manual_seed(budget)
     scores = torch.rand(1, HEADS, 64, generator=gen) * torch.tensor([4.0, 1.0, 0.1, 0.5])[:, None]
     scores[..., -WINDOW:] = float("inf")  # protected: the policy's contract
-    counts = AdaKVAllocator(alpha=0.2)(scores, torch.tensor([budget]))[0].tolist()
+    counts = AdaKVAllocator(alpha=0.2, pool_kernel=1)(scores, torch.tensor([budget]))[0].tolist()
     reference = adakv_reference(scores[0, :, :-WINDOW], budget, WINDOW, 0.2)
     # Ours is exact; Ada-KV's code keeps int(alpha B') but scales by (1 - alpha), so its total
     # falls short by up to heads x frac(alpha B') plus rounding. We hand that shortfall out
@@ -116,8 +116,8 @@ def test_paper_safeguard_is_default_and_stronger_than_kvpress():
     scores[:, 1:] *= 0.001  # head 0 holds every top score
     scores[..., -32:] = float("inf")
     budget = torch.tensor([100])
-    paper = AdaKVAllocator(alpha=0.2)(scores, budget)[0]
-    kvpress = AdaKVAllocator(alpha=0.2, safeguard="kvpress")(scores, budget)[0]
+    paper = AdaKVAllocator(alpha=0.2, pool_kernel=1)(scores, budget)[0]
+    kvpress = AdaKVAllocator(alpha=0.2, safeguard="kvpress", pool_kernel=1)(scores, budget)[0]
     assert kvpress[1:].tolist() == [32, 32, 32]  # only the window
     assert paper[1:].tolist() == [32 + int(0.2 * 68)] * 3
     assert int(paper.sum()) == int(kvpress.sum()) == 400

@@ -30,6 +30,7 @@ def make_policy(
     pool_order: str | None = None,
     pooling: str | None = None,
     kernel: int | None = None,
+    ada_pool_kernel: int = 7,
 ) -> Policy:
     """Build a preset policy. With neither `keep` nor `tokens`, keep=0.25; `full` keeps all.
 
@@ -38,7 +39,9 @@ def make_policy(
     "pool-then-reduce" otherwise. `pooling` ("avg", "max" or "none") and `kernel` (odd)
     set how scorers that pool along the sequence (SnapKV and its family) pool; None
     keeps each scorer's own default (SnapKV: avg, kernel 5). Scorers that do not pool
-    ignore them, as they ignore `group_reduce`, so one sweep can pass them to all."""
+    ignore them, as they ignore `group_reduce`, so one sweep can pass them to all.
+    `ada_pool_kernel`: Ada-KV counts head shares on scores max-pooled with this kernel
+    (1: the paper's and kvpress's plain rule, for parity runs)."""
     parsed = parse_policy_name(name)
     # Validate the budget even for `full`, which then ignores it (it is the reference row of a sweep).
     budget = Budget(keep=keep if keep is not None or tokens is not None else 0.25, tokens=tokens)
@@ -62,7 +65,11 @@ def make_policy(
     }
     fields = {f.name for f in dataclasses.fields(scorer_cls)}
     scorer = scorer_cls(**{k: v for k, v in offered.items() if k in fields and v is not None})
-    allocator = ALLOCATORS[parsed.allocator](alpha=alpha, safeguard=safeguard) if ada else ALLOCATORS["uniform"]()
+    allocator = (
+        ALLOCATORS[parsed.allocator](alpha=alpha, safeguard=safeguard, pool_kernel=ada_pool_kernel)
+        if ada
+        else ALLOCATORS["uniform"]()
+    )
     return Policy(
         name=name,
         scorer=scorer,

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from kvsqueeze.policy.select import ranks_within
 
@@ -26,10 +27,18 @@ class AdaKVAllocator:
     - "kvpress": kvpress's AdaKVPress: each head's own top floor(alpha B) tokens are
       boosted to +inf, then the global top-(heads x B) is taken. Protected tokens
       already rank first, so this floor adds nothing until alpha B exceeds W.
+
+    `pool_kernel` (default 7; 1 is the paper's and kvpress's plain rule) counts the
+    heads' shares on scores max-pooled along the sequence
+    (the tokens kept are still each head's best by its own scores), as Ada-KV's code
+    takes its global top-k on SnapKV scores max-pooled with kernel 7. Why: a head whose
+    observed attention is peaked on a few keys (one query, as TOVA's) otherwise wins
+    only those peaks and the floor, and loses the neighbours later queries need.
     """
 
     alpha: float = 0.2
     safeguard: str = "paper"
+    pool_kernel: int = 7
     name: str = "ada"
 
     def __post_init__(self) -> None:
@@ -37,11 +46,25 @@ class AdaKVAllocator:
             raise ValueError(f"Ada-KV safeguard alpha must be in [0, 1], got {self.alpha}")
         if self.safeguard not in SAFEGUARDS:
             raise ValueError(f"unknown Ada-KV safeguard {self.safeguard!r}: use one of {', '.join(SAFEGUARDS)}")
+        if self.pool_kernel < 1 or self.pool_kernel % 2 == 0:
+            raise ValueError(f"Ada-KV pooling kernel must be odd and >= 1, got {self.pool_kernel}")
 
     def __call__(self, scores: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
+        if self.pool_kernel > 1:
+            scores = self._pooled(scores)
         if self.safeguard == "kvpress":
             return self._kvpress(scores, budget)
         return self._paper(scores, budget)
+
+    def _pooled(self, scores: torch.Tensor) -> torch.Tensor:
+        """Max-pool the free scores; protected (+inf) and hidden (-inf) tokens stay as
+        they are and lend nothing to their neighbours."""
+        protected, hidden = scores.isposinf(), scores.isneginf()
+        free = scores.float().masked_fill(protected | hidden, float("-inf"))
+        b, h, t = free.shape
+        pooled = F.max_pool1d(free.view(b * h, 1, t), self.pool_kernel, stride=1, padding=self.pool_kernel // 2)
+        pooled = pooled.view(b, h, t).masked_fill(hidden, float("-inf"))
+        return pooled.masked_fill(protected, float("inf"))
 
     def _kvpress(self, scores: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
         b, h, t = scores.shape
