@@ -27,8 +27,7 @@ def convert(model: PreTrainedModel, kv_layer: int | None = None, across_group: i
     kv_layer = num_layers // 2 if kv_layer is None else kv_layer
     if not 1 <= kv_layer <= num_layers:
         raise KVSqueezeError(f"kv-layer must be in [1, {num_layers}] (the model's layers), got {kv_layer}")
-    if across_group not in ACROSS_GROUPS:
-        raise KVSqueezeError(f"across-kv must be one of {', '.join(map(str, ACROSS_GROUPS))}, got {across_group}")
+    check_across_group(across_group)
     fields = {k: v for k, v in model.config.to_dict().items() if k not in ("model_type", "architectures")}
     config = SwiftKVLlamaConfig(**fields, swiftkv_kv_layer=kv_layer, swiftkv_across_group=across_group)
     config._attn_implementation = model.config._attn_implementation
@@ -41,6 +40,12 @@ def convert(model: PreTrainedModel, kv_layer: int | None = None, across_group: i
         init_projection(swift)
     swift.generation_config = model.generation_config
     return swift.eval()
+
+
+def check_across_group(across_group: int) -> None:
+    """AcrossKV groups of 1 (no sharing), 2 or 4 adjacent layers, as in the paper."""
+    if across_group not in ACROSS_GROUPS:
+        raise KVSqueezeError(f"across-kv must be one of {', '.join(map(str, ACROSS_GROUPS))}, got {across_group}")
 
 
 @torch.no_grad()
