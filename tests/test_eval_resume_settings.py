@@ -26,6 +26,10 @@ CHANGED = {
     "alpha": 0.5,
     "group_reduce": "max",
     "dtype": "bfloat16",
+    "kv_bits": 4,
+    "kv_group": 16,
+    "kv_residual": 64,
+    "kv_key_axis": "token",
 }
 
 

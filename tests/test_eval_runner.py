@@ -17,7 +17,7 @@ from kvsqueeze.eval.runner import run_eval
 DATA = Path(__file__).parent / "data" / "longbench_sample.jsonl"
 ROW_FIELDS = {
     "model", "task", "sample", "length", "depth", "question_agnostic", "seed", "data", "window", "alpha",
-    "group_reduce", "dtype", "policy", "keep", "tokens",
+    "group_reduce", "dtype", "kv_bits", "kv_group", "kv_residual", "kv_key_axis", "policy", "keep", "tokens",
     "score", "answer_logprob", "prediction", "prompt_tokens", "kv_bytes_stored", "kv_bytes_full",
     "prefill_seconds", "kept_tokens_per_head",
 }  # fmt: skip
@@ -86,9 +86,9 @@ def test_resume_skips_finished_rows(first_run, tmp_path, monkeypatch):
     calls = []
     real = unit_module.evaluate_sample
 
-    def counting(model, fmt, sample, policies, question_agnostic):
+    def counting(model, fmt, sample, policies, *rest):
         calls.append([p.name for p in policies])
-        return real(model, fmt, sample, policies, question_agnostic)
+        return real(model, fmt, sample, policies, *rest)
 
     monkeypatch.setattr(unit_module, "evaluate_sample", counting)
     run_eval(config(tmp_path))

@@ -8,17 +8,19 @@ import torch
 from kvsqueeze.store.quantize import KVQuantizer, pack, quantize_along, unpack
 
 
-def test_int4_packs_two_codes_per_byte_low_nibble_first():
+def test_int4_packs_two_codes_per_byte_in_planes():
     codes = torch.tensor([[1, 2, 15, 0, 7, 8]], dtype=torch.uint8)
     packed = pack(codes, 4)
-    assert packed.tolist() == [[1 | 2 << 4, 15, 7 | 8 << 4]]
+    # Byte j: channel j in the low nibble, channel j + 3 in the high one.
+    assert packed.tolist() == [[1 | 0 << 4, 2 | 7 << 4, 15 | 8 << 4]]
     assert torch.equal(unpack(packed, 4), codes)
 
 
 def test_int2_packs_four_codes_per_byte():
-    codes = torch.tensor([3, 0, 1, 2, 2, 2, 2, 2], dtype=torch.uint8)
+    codes = torch.tensor([3, 0, 1, 2, 2, 2, 0, 1], dtype=torch.uint8)
     packed = pack(codes, 2)
-    assert packed.tolist() == [3 | 0 << 2 | 1 << 4 | 2 << 6, 0b10101010]
+    # Byte j: channels j, j + 2, j + 4, j + 6 from the low bits up.
+    assert packed.tolist() == [3 | 1 << 2 | 2 << 4 | 0 << 6, 0 | 2 << 2 | 2 << 4 | 1 << 6]
     assert torch.equal(unpack(packed, 2), codes)
 
 

@@ -23,6 +23,7 @@ from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.hf import KVSqueezeCache
 from kvsqueeze.hf.models import load_model, max_context
 from kvsqueeze.policy import Policy, make_policy
+from kvsqueeze.store.quantized_kv import KVQuantConfig
 
 # Sequences of a batch start this many tokens apart in the essays, so they differ.
 SEQUENCE_STRIDE = 97
@@ -126,13 +127,15 @@ def run_bench(
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
     each: Callable[[list[Policy]], Iterable[Policy]] = iter,
+    quants: tuple[KVQuantConfig, ...] = (KVQuantConfig(),),
 ) -> list[BenchRow]:
-    """One BenchRow per policy, with bound columns from a bandwidth measured here.
-    `each` walks the policies (the command line passes a progress bar)."""
+    """One BenchRow per policy and KV storage (`quants`: 16 bits, or KIVI-quantized),
+    with bound columns from a bandwidth measured here. `each` walks the policies (the
+    command line passes a progress bar)."""
     if context < 1 or batch < 1 or new_tokens < 1:
         raise KVSqueezeError("context, batch and new-tokens must all be at least 1")
-    if not policies:
-        raise KVSqueezeError("no policies given")
+    if not policies or not quants:
+        raise KVSqueezeError("no policies or no kv bits given")
     built = [make_policy(name, keep=keep, tokens=tokens) for name in policies]  # validate before loading
     model, tokenizer = load_model(model_name, dtype=dtype, device=device)
     if context + new_tokens > max_context(model):
@@ -147,7 +150,10 @@ def run_bench(
         measure(model, input_ids[:, : min(context, 256)], cache, 2, "warm-up")
     rows = []
     for policy in each(built):
-        with KVSqueezeCache(model, policy) as cache:
-            row = measure(model, input_ids, cache, new_tokens, policy.name)
-        rows.append(add_bound(row, weights, bandwidth))
+        for quant in quants:
+            label = f"{policy.name} {quant.describe()}" if quant.quantizes else policy.name
+            kv = dict(kv_bits=quant.bits, kv_group=quant.group, kv_residual=quant.residual, kv_key_axis=quant.key_axis)
+            with KVSqueezeCache(model, policy, **kv) as cache:
+                row = measure(model, input_ids, cache, new_tokens, label)
+            rows.append(add_bound(row, weights, bandwidth))
     return rows

@@ -60,6 +60,18 @@ QuestionAgnosticOption = Annotated[
     bool, typer.Option("--question-agnostic", metavar="", help="compress the context before the question is seen")
 ]
 DEFAULT_POLICIES = "full,snapkv,ada-snapkv"
+KvBitsOption = Annotated[
+    int, typer.Option("--kv-bits", help="bits per stored K/V entry: 16 (as is), or 8, 4, 2 (KIVI quantization)")
+]
+KvGroupOption = Annotated[
+    int, typer.Option("--kv-group", help="quantization group: tokens per key group, channels per value group")
+]
+KvResidualOption = Annotated[
+    int, typer.Option("--kv-residual", help="newest tokens per head kept in full precision when quantizing")
+]
+KvKeyAxisOption = Annotated[
+    str, typer.Option("--kv-key-axis", help="channel (KIVI) or token (the naive per-token baseline) for keys")
+]
 # Bounds that turn a mistyped number into an error instead of a run that never ends
 # (samples) or an overflow deep in torch (seeds are 64-bit there).
 MAX_SAMPLES = 100_000
@@ -100,6 +112,12 @@ def _policy(name: str, keep: float | None, tokens: int | None, window: int, alph
     if keep is not None and tokens is not None:
         raise KVSqueezeError("give either --keep or --tokens, not both")
     return make_policy(name, keep=keep, tokens=tokens, window=window, alpha=alpha)
+
+
+def _quant(bits: int, group: int, residual: int, key_axis: str = "channel"):
+    from kvsqueeze.store.quantized_kv import KVQuantConfig
+
+    return KVQuantConfig(bits, group, residual, key_axis)  # type: ignore[arg-type]
 
 
 def _policy_list(text: str) -> tuple[str, ...]:
@@ -153,10 +171,15 @@ def generate(
     ] = False,
     device: DeviceOption = Device.cpu,
     dtype: DtypeOption = Dtype.fp32,
+    kv_bits: KvBitsOption = 16,
+    kv_group: KvGroupOption = 32,
+    kv_residual: KvResidualOption = 128,
+    kv_key_axis: KvKeyAxisOption = "channel",
     as_json: Annotated[bool, typer.Option("--json", metavar="", help="print one JSON object")] = False,
 ) -> None:
     """Generate with a compressed KV cache and report its memory and speed."""
     pol = _policy(policy, keep, tokens, window, alpha)
+    quant = _quant(kv_bits, kv_group, kv_residual, kv_key_axis)
     if (prompt is None) == (prompt_file is None):
         raise KVSqueezeError("give exactly one of --prompt or --prompt-file")
     if prompt_file is not None:
@@ -165,14 +188,17 @@ def generate(
     from kvsqueeze.hf.models import load_model
 
     mdl, tok = load_model(model, dtype=torch_dtype(dtype), device=device.value)
-    result = run(mdl, tok, pol, prompt, question, not question_agnostic, max_new_tokens=max_new_tokens, chat=chat)
+    result = run(
+        mdl, tok, pol, prompt, question, not question_agnostic, max_new_tokens=max_new_tokens, chat=chat, quant=quant
+    )
     if as_json:
         typer.echo(json.dumps(result.to_json()))
         return
     typer.echo(result.text)
     typer.echo(
-        f"[{result.policy} {result.budget}] prompt {result.prompt_tokens} tok, new {result.new_tokens} tok, "
-        f"KV {result.kv_bytes_stored / 2**20:.2f} MiB of {result.kv_bytes_full / 2**20:.2f} MiB, "
+        f"[{result.policy} {result.budget} {result.kv_quantization}] prompt {result.prompt_tokens} tok, "
+        f"new {result.new_tokens} tok, KV {result.kv_bytes_stored / 2**20:.2f} MiB of "
+        f"{result.kv_bytes_full / 2**20:.2f} MiB ({result.kv_bytes_stored / max(result.kv_bytes_full, 1):.1%}), "
         f"prefill {result.prefill_seconds:.2f} s, decode {result.decode_tokens_per_second:.1f} tok/s",
         err=True,
     )
@@ -205,17 +231,34 @@ def bench(
     new_tokens: Annotated[int, typer.Option("--new-tokens", help="decode steps timed")] = 32,
     device: DeviceOption = Device.cpu,
     dtype: DtypeOption = Dtype.fp32,
+    kv_bits: Annotated[
+        str, typer.Option("--kv-bits", help="bits per stored K/V entry, comma-separated to compare: 16, 8, 4, 2")
+    ] = "16",
+    kv_group: KvGroupOption = 32,
+    kv_residual: KvResidualOption = 128,
     as_json: Annotated[bool, typer.Option("--json", metavar="", help="print a JSON list of rows")] = False,
 ) -> None:
-    """Prefill and decode speed, memory and distance to the bandwidth bound, per policy."""
+    """Prefill and decode speed, memory and distance to the bandwidth bound, per policy
+    and KV storage."""
     from kvsqueeze.bench.runner import run_bench
     from kvsqueeze.cli.progress import policy_progress
 
     if keep is not None and tokens is not None:
         raise KVSqueezeError("give either --keep or --tokens, not both")
     names = list(_policy_list(policies))
+    quants = tuple(_quant(bits, kv_group, kv_residual) for bits in _numbers(kv_bits, int, "--kv-bits"))
     rows = run_bench(
-        model, names, keep, tokens, context, batch, new_tokens, device.value, torch_dtype(dtype), policy_progress
+        model,
+        names,
+        keep,
+        tokens,
+        context,
+        batch,
+        new_tokens,
+        device.value,
+        torch_dtype(dtype),
+        policy_progress,
+        quants,
     )
     if as_json:
         typer.echo(json.dumps([row.to_json() for row in rows]))
@@ -266,6 +309,10 @@ def evaluate(
     alpha: AlphaOption = 0.2,
     dtype: DtypeOption = Dtype.fp32,
     device: DeviceOption = Device.cpu,
+    kv_bits: KvBitsOption = 16,
+    kv_group: KvGroupOption = 32,
+    kv_residual: KvResidualOption = 128,
+    kv_key_axis: KvKeyAxisOption = "channel",
     out: Annotated[Path, typer.Option("--out", help="folder for results.jsonl, summary.md and plots")] = Path(
         "eval-results"
     ),
@@ -296,6 +343,10 @@ def evaluate(
         alpha=alpha,
         dtype=str(torch_dtype(dtype)).removeprefix("torch."),
         device=device.value,
+        kv_bits=kv_bits,
+        kv_group=kv_group,
+        kv_residual=kv_residual,
+        kv_key_axis=kv_key_axis,
     )
     results = run_eval(config, ray_address=ray)
     typer.echo(f"wrote {results}, {out / 'summary.md'} and plots in {out}")

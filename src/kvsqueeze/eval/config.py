@@ -9,6 +9,7 @@ from pathlib import Path
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.eval.tasks import get_task
 from kvsqueeze.policy import Policy, make_policy
+from kvsqueeze.store.quantized_kv import KVQuantConfig
 
 _SETTING = "row_setting"
 
@@ -40,6 +41,11 @@ class EvalConfig:
     alpha: float = setting(0.2)
     group_reduce: str = setting("mean")
     dtype: str = setting("float32")
+    # How kept K/V are stored (store/quantized_kv.py): 16 bits = as they are.
+    kv_bits: int = setting(16)
+    kv_group: int = setting(32)
+    kv_residual: int = setting(128)
+    kv_key_axis: str = setting("channel")
     device: str = "cpu"
     threads: int = field(default=0, compare=False)  # torch threads per worker; 0 = torch's default
 
@@ -55,6 +61,7 @@ class EvalConfig:
         if bool(self.keeps) == bool(self.tokens):
             raise KVSqueezeError("give budgets with exactly one of --keep or --tokens")
         self.policy_grid()  # unknown policies and out-of-range budgets fail here
+        self.quant()
         if task.needs_lengths and not self.lengths:
             raise KVSqueezeError(f"the {self.task} task needs --lengths")
         if any(n < 1 for n in self.lengths):
@@ -66,6 +73,10 @@ class EvalConfig:
         if self.task == "longbench" and self.data is None:
             raise KVSqueezeError("the longbench task needs --data FILE (LongBench-format JSONL)")
         _check_out(self.out)
+
+    def quant(self) -> KVQuantConfig:
+        """How every policy's cache stores what it keeps (bad values raise ValueError)."""
+        return KVQuantConfig(self.kv_bits, self.kv_group, self.kv_residual, self.kv_key_axis)  # type: ignore[arg-type]
 
     def policy_grid(self) -> list[Policy]:
         """The full cache first (every sample's reference row), then each policy at

@@ -17,6 +17,7 @@ from kvsqueeze.hf.cache import use_kvsqueeze_attention
 from kvsqueeze.hf.decode import greedy, stop_ids
 from kvsqueeze.hf.prefill import PrefillRecord, record_prefill
 from kvsqueeze.policy import Policy
+from kvsqueeze.store.quantized_kv import KVQuantConfig
 
 
 def budget_fields(policy: Policy) -> dict:
@@ -26,9 +27,9 @@ def budget_fields(policy: Policy) -> dict:
     return {"keep": policy.budget.keep, "tokens": policy.budget.tokens}
 
 
-def _compress(model: PreTrainedModel, record: PrefillRecord, policy: Policy) -> tuple:
+def _compress(model: PreTrainedModel, record: PrefillRecord, policy: Policy, quant: KVQuantConfig | None) -> tuple:
     start = time.perf_counter()
-    cache = record.cache(model, policy)
+    cache = record.cache(model, policy, quant)
     seconds = time.perf_counter() - start
     measured = {
         "kv_bytes_stored": cache.nbytes,
@@ -41,11 +42,17 @@ def _compress(model: PreTrainedModel, record: PrefillRecord, policy: Policy) -> 
 
 
 def evaluate_sample(
-    model: PreTrainedModel, fmt: PromptFormat, sample: Sample, policies: list[Policy], question_agnostic: bool
+    model: PreTrainedModel,
+    fmt: PromptFormat,
+    sample: Sample,
+    policies: list[Policy],
+    question_agnostic: bool,
+    quant: KVQuantConfig | None = None,
 ) -> list[dict]:
-    """One row per policy: score, graded log-likelihood and the cache's cost."""
+    """One row per policy: score, graded log-likelihood and the cache's cost. `quant`
+    says how every cache stores what its policy keeps (None: unquantized)."""
     if sample.metric == "perplexity":
-        return _perplexity_rows(model, fmt, sample, policies)
+        return _perplexity_rows(model, fmt, sample, policies, quant)
     context_ids, question_ids = fmt.encode(sample.context, sample.question, sample.answer_prefix)
     target_ids = fmt.tokens(sample.target) if sample.target else []
     prompt = context_ids if question_agnostic else context_ids + question_ids
@@ -58,7 +65,7 @@ def evaluate_sample(
     with torch.inference_mode(), use_kvsqueeze_attention(model):
         record = record_prefill(model, torch.tensor([prompt], device=model.device))
         for policy in policies:
-            cache, measured = _compress(model, record, policy)
+            cache, measured = _compress(model, record, policy, quant)
             logits = record.last_logits
             if question_agnostic:  # the question reaches the compressed cache uncompressed
                 logits = model(torch.tensor([question_ids], device=model.device), past_key_values=cache).logits[:, -1]
@@ -66,7 +73,7 @@ def evaluate_sample(
             prediction = fmt.tokenizer.decode(answer, skip_special_tokens=True)
             answer_logprob = None
             if target_ids:
-                fresh, _ = _compress(model, record, policy)
+                fresh, _ = _compress(model, record, policy, quant)
                 ids = (question_ids if question_agnostic else []) + target_ids
                 logprobs = token_logprobs(model, fresh, record.last_logits, ids)[-len(target_ids) :]
                 answer_logprob = round(float(logprobs.mean()), 4)
@@ -84,13 +91,15 @@ def evaluate_sample(
     return rows
 
 
-def _perplexity_rows(model: PreTrainedModel, fmt: PromptFormat, sample: Sample, policies: list[Policy]) -> list[dict]:
+def _perplexity_rows(
+    model: PreTrainedModel, fmt: PromptFormat, sample: Sample, policies: list[Policy], quant: KVQuantConfig | None
+) -> list[dict]:
     context_ids, continuation_ids = fmt.tokens(sample.context), fmt.tokens(sample.continuation)
     rows = []
     with torch.inference_mode(), use_kvsqueeze_attention(model):
         record = record_prefill(model, torch.tensor([context_ids], device=model.device))
         for policy in policies:
-            cache, measured = _compress(model, record, policy)
+            cache, measured = _compress(model, record, policy, quant)
             nll = -float(token_logprobs(model, cache, record.last_logits, continuation_ids).mean())
             rows.append(
                 {

@@ -46,5 +46,5 @@ def run_unit(config: EvalConfig, unit: Unit) -> list[dict]:
     model, fmt = loaded(config.model, config.dtype, config.device)
     grid = config.policy_grid()
     policies = [grid[i] for i in unit.policies]
-    rows = evaluate_sample(model, fmt, unit.sample, policies, config.question_agnostic)
+    rows = evaluate_sample(model, fmt, unit.sample, policies, config.question_agnostic, config.quant())
     return [{**unit_fields(config, unit.sample), **row} for row in rows]

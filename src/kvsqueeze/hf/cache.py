@@ -24,6 +24,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from kvsqueeze.cache import CompressedLayer, PrefillCallback
 from kvsqueeze.ops import dense_causal_attention
 from kvsqueeze.policy import Policy
+from kvsqueeze.store.quantized_kv import KVQuantConfig
 
 ATTENTION_NAME = "kvsqueeze"
 
@@ -134,6 +135,9 @@ class KVSqueezeCache(Cache):
     attention, which lets the cache see the queries it scores with) or inside
     `with use_kvsqueeze_attention(model):`. `on_prefill(layer_idx, prefill)` is called
     with every layer's dense prefill before it is compressed (hf/prefill.py records it).
+    `kv_bits` 8, 4 or 2 stores the kept entries KIVI-quantized in groups of `kv_group`
+    with the `kv_residual` newest of each head in full precision (store/quantized_kv.py);
+    `kv_key_axis="token"` is the naive per-token baseline. 16 stores them unquantized.
     """
 
     def __init__(
@@ -141,10 +145,17 @@ class KVSqueezeCache(Cache):
         model: PreTrainedModel | PreTrainedConfig,
         policy: Policy,
         on_prefill: PrefillCallback | None = None,
+        *,
+        kv_bits: int = 16,
+        kv_group: int = 32,
+        kv_residual: int = 128,
+        kv_key_axis: str = "channel",
     ) -> None:
         self.num_layers = _text_config(model).num_hidden_layers
+        self.quant = KVQuantConfig(kv_bits, kv_group, kv_residual, kv_key_axis)
+        make_store = self.quant.store_factory()
         layers = [
-            KVSqueezeLayer(CompressedLayer(policy, i, self.num_layers, on_prefill=on_prefill))
+            KVSqueezeLayer(CompressedLayer(policy, i, self.num_layers, make_store, on_prefill))
             for i in range(self.num_layers)
         ]
         super().__init__(layers=layers)

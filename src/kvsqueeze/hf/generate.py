@@ -15,6 +15,7 @@ from kvsqueeze.hf.decode import greedy, stop_ids
 from kvsqueeze.hf.models import max_context
 from kvsqueeze.hf.prompt import encode_prompt
 from kvsqueeze.policy import Policy
+from kvsqueeze.store.quantized_kv import KVQuantConfig
 
 
 @dataclass
@@ -30,6 +31,7 @@ class GenerationResult:
     policy: str
     budget: str
     question_aware: bool
+    kv_quantization: str = "kv16"
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -44,13 +46,16 @@ def generate(
     question_aware: bool = True,
     max_new_tokens: int = 64,
     chat: bool = False,
+    quant: KVQuantConfig | None = None,
 ) -> GenerationResult:
     """Greedy generation with `policy` compressing the cache after prefill.
 
     Question-aware: context and question are prefilled together, then compressed.
     Question-agnostic: the context alone is prefilled and compressed; the question
-    is appended to the compressed cache uncompressed.
+    is appended to the compressed cache uncompressed. `quant` says how the kept
+    entries are stored (KIVI-quantized below 16 bits; None: unquantized).
     """
+    quant = quant or KVQuantConfig()
     if not context.strip() and not (question or "").strip():
         raise KVSqueezeError("the prompt is empty")
     if max_new_tokens < 1:
@@ -64,7 +69,9 @@ def generate(
         )
     device = model.device
     prompt = torch.tensor([context_ids + question_ids], device=device)
-    cache = KVSqueezeCache(model, policy)
+    cache = KVSqueezeCache(
+        model, policy, kv_bits=quant.bits, kv_group=quant.group, kv_residual=quant.residual, kv_key_axis=quant.key_axis
+    )
 
     with torch.inference_mode(), cache:
         start = time.perf_counter()
@@ -97,4 +104,5 @@ def generate(
         policy=policy.name,
         budget=policy.budget.describe() if policy.compresses else "keep=1.0",
         question_aware=question_aware,
+        kv_quantization=quant.describe(),
     )

@@ -19,6 +19,7 @@ from transformers import PreTrainedModel
 from kvsqueeze.hf.cache import KVSqueezeCache
 from kvsqueeze.ops import policy_scores
 from kvsqueeze.policy import Policy, ScoreInput, make_policy
+from kvsqueeze.store.quantized_kv import KVQuantConfig
 
 
 @dataclasses.dataclass
@@ -30,9 +31,18 @@ class PrefillRecord:
     seconds: float  # wall time of the model forward
     _scores: dict = dataclasses.field(default_factory=dict, repr=False)
 
-    def cache(self, model: PreTrainedModel, policy: Policy) -> KVSqueezeCache:
-        """A cache holding this prompt compressed by `policy`, ready to decode."""
-        cache = KVSqueezeCache(model, policy)
+    def cache(self, model: PreTrainedModel, policy: Policy, quant: KVQuantConfig | None = None) -> KVSqueezeCache:
+        """A cache holding this prompt compressed by `policy`, ready to decode; `quant`
+        says how it stores the kept entries (None: unquantized)."""
+        quant = quant or KVQuantConfig()
+        cache = KVSqueezeCache(
+            model,
+            policy,
+            kv_bits=quant.bits,
+            kv_group=quant.group,
+            kv_residual=quant.residual,
+            kv_key_axis=quant.key_axis,
+        )
         for layer, prefill in zip(cache.layers, self.layers, strict=True):
             x = dataclasses.replace(prefill, window=policy.window)
             layer.lazy_initialization(x.keys, x.values)

@@ -30,7 +30,7 @@ def quantized_attention(
 ) -> torch.Tensor:
     """ops.ragged_attention's contract over a QuantizedKV: query [heads, group, q, d],
     query_positions [heads, q]; returns [heads, group, q, d] in the query's dtype."""
-    if query.shape[2] == 1 and use_triton(query, kv.codes.keys):
+    if query.shape[2] == 1 and kv.quantizer.keys_per_channel and use_triton(query, kv.codes.keys):
         from kvsqueeze.ops.triton_quantized_decode import quantized_decode_attention
 
         return quantized_decode_attention(query, kv, scaling, query_positions, sliding_window)

@@ -8,10 +8,10 @@ consecutive channels of one token). Quantizing keys per token instead (the naive
 scheme, `key_axis="token"`) lets an outlier channel set the scale of every other
 channel of the token, which is what makes naive 2-bit collapse.
 
-Codes are unsigned b-bit integers packed little-end first along the channel axis: an
-int4 byte holds channels 2i (low nibble) and 2i+1, an int2 byte channels 4i..4i+3
-(bits 0-1, 2-3, 4-5, 6-7). Scale and zero point are fp16; a code c stands for
-c * scale + zero. Codes are computed against the fp16-rounded scale and zero, so
+Codes are unsigned b-bit integers packed in planes along the channel axis: with m
+bytes per token, an int4 byte j holds channel j (low nibble) and channel j + m (high
+nibble), an int2 byte channels j, j + m, j + 2m, j + 3m (bits 0-1, 2-3, 4-5, 6-7).
+Scale and zero point are fp16; a code c stands for c * scale + zero. Codes are computed against the fp16-rounded scale and zero, so
 the round-trip error is half a step plus fp16 rounding of the range's ends.
 
 Everything is a function of tensors whose leading axes are free, so a flat store
@@ -31,7 +31,11 @@ FP16_MAX = 65504.0
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack uint8 codes [..., n] (each < 2**bits) into bytes [..., n * bits / 8]."""
+    """Pack uint8 codes [..., n] (each < 2**bits) into bytes [..., m], m = n * bits / 8.
+
+    Planar: byte j holds codes j, j + m, j + 2m, ... from its low bits up, so
+    unpacking is a few whole-row shifts and one concatenation (no interleaving),
+    and a kernel can dot each plane with the matching slice of the query."""
     _check_bits(bits)
     if bits == 8:
         return codes.to(torch.uint8)
@@ -39,10 +43,10 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     n = codes.shape[-1]
     if n % per:
         raise ValueError(f"{n} codes do not fill whole bytes of {per} {bits}-bit codes")
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)
-    grouped = codes.to(torch.uint8).reshape(*codes.shape[:-1], n // per, per)
-    # The shifted codes occupy disjoint bits, so their sum is their bitwise or.
-    return (grouped << shifts).sum(dim=-1, dtype=torch.uint8)
+    planes = codes.to(torch.uint8).unflatten(-1, (per, n // per))
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)[:, None]
+    # The shifted planes occupy disjoint bits, so their sum is their bitwise or.
+    return (planes << shifts).sum(dim=-2, dtype=torch.uint8)
 
 
 def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
@@ -50,9 +54,9 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     _check_bits(bits)
     if bits == 8:
         return packed
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
-    codes = (packed[..., None] >> shifts) & ((1 << bits) - 1)
-    return codes.flatten(-2)
+    mask = (1 << bits) - 1
+    planes = [(packed >> shift) & mask for shift in range(0, 8 - bits, bits)]
+    return torch.cat([*planes, packed >> (8 - bits)], dim=-1)  # the top plane needs no mask
 
 
 def _check_bits(bits: int) -> None:

@@ -24,13 +24,21 @@ they kept (evict, then quantize). Eviction later works on quantized entries in p
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 from kvsqueeze.store.base import KVStore
 from kvsqueeze.store.flat_kv import FlatKV, run_indices
 from kvsqueeze.store.quantize import KVQuantizer
+
+# Bounds that turn a mistyped flag into an error rather than a store that never
+# quantizes anything or an overflow in index math.
+MAX_GROUP = 4096
+MAX_RESIDUAL = 2**20
 
 
 class QuantizedKV(KVStore):
@@ -138,18 +146,22 @@ class QuantizedKV(KVStore):
             scale, zero, counts, group_live = self.groups.padded()
             # End (exclusive) of each group within its head's run; padding groups add nothing.
             group_ends = torch.cumsum(torch.where(group_live, counts, 0), dim=1)
-            rows = torch.arange(heads, device=lengths.device)[:, None]
+            first_group = torch.arange(heads, device=lengths.device)[:, None] * scale.shape[1]
+            scale, zero = scale.flatten(0, 1), zero.flatten(0, 1)
         for start in range(0, longest, block):
             index = torch.arange(start, min(start + block, longest), device=lengths.device).expand(heads, -1)
             live = index < lengths[:, None]
             slots = torch.where(live, self.codes.slots(index), 0)
-            key_part, value_rows = self.codes.keys[slots], self.codes.values[slots]
+            key_part, value_rows = _rows(self.codes.keys, slots), _rows(self.codes.values, slots)
             if q.keys_per_channel:
-                group = torch.searchsorted(group_ends, index.contiguous(), right=True).clamp_max(scale.shape[1] - 1)
-                keys = q.dequantize_keys(key_part, scale[rows, group], zero[rows, group], dtype)
+                group = torch.searchsorted(group_ends, index.contiguous(), right=True).clamp_max(
+                    group_ends.shape[1] - 1
+                )
+                group = group + first_group
+                keys = q.dequantize_keys(key_part, _rows(scale, group), _rows(zero, group), dtype)
             else:
                 keys = q.dequantize_rows(key_part, d, dtype)
-            yield keys, q.dequantize_rows(value_rows, d, dtype), self.codes.positions[slots], live
+            yield keys, q.dequantize_rows(value_rows, d, dtype), _rows(self.codes.positions, slots), live
         keys, values, positions, live = self.residual.padded()
         yield keys.to(dtype), values.to(dtype), positions, live
 
@@ -240,9 +252,59 @@ def _quantize_keys(quantizer: KVQuantizer, keys: torch.Tensor) -> tuple[torch.Te
     return quantizer.quantize_rows(keys), empty, empty
 
 
+def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x[index] for an index of any shape into x's first axis: index_select copies whole
+    rows, several times faster on CPU than advanced indexing for short rows."""
+    return x.index_select(0, index.flatten()).view(*index.shape, *x.shape[1:])
+
+
 def _scatter_heads(rows: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
     """rows of the chosen heads [chosen, ...] into a [heads, ...] tensor (the others'
     rows are skipped by the append's valid mask, so they are left zero)."""
     out = rows.new_zeros((len(chosen), *rows.shape[1:]))
     out[chosen] = rows
     return out
+
+
+KV_BITS = (16, 8, 4, 2)
+
+
+@dataclass(frozen=True)
+class KVQuantConfig:
+    """How a cache stores its kept K/V: `bits` 16 keeps them as they are (FlatKV);
+    8, 4 or 2 quantizes them KIVI-style (arXiv 2402.02750) in groups of `group`,
+    with the `residual` newest entries of each head in full precision. `key_axis`
+    "token" is the naive per-token baseline."""
+
+    bits: int = 16
+    group: int = 32
+    residual: int = 128
+    key_axis: Literal["channel", "token"] = "channel"
+
+    def __post_init__(self) -> None:
+        if self.bits not in KV_BITS:
+            raise ValueError(f"kv bits must be one of {KV_BITS}, got {self.bits}")
+        if not 1 <= self.group <= MAX_GROUP:
+            raise ValueError(f"kv group must be between 1 and {MAX_GROUP} tokens, got {self.group}")
+        if not 0 <= self.residual <= MAX_RESIDUAL:
+            raise ValueError(f"kv residual must be between 0 and {MAX_RESIDUAL} tokens, got {self.residual}")
+        if self.bits < 16:
+            KVQuantizer(self.bits, self.group, self.key_axis)
+
+    @property
+    def quantizes(self) -> bool:
+        return self.bits < 16
+
+    def describe(self) -> str:
+        if not self.quantizes:
+            return "kv16"
+        naive = "-per-token" if self.key_axis == "token" else ""
+        return f"kv{self.bits}{naive} g{self.group} r{self.residual}"
+
+    def store_factory(self) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], KVStore]:
+        """(keys, values, keep, positions) -> the store of the kept entries, for
+        CompressedLayer's make_store."""
+        if not self.quantizes:
+            return FlatKV.from_dense
+        quantizer = KVQuantizer(self.bits, self.group, self.key_axis)
+        return functools.partial(QuantizedKV.from_dense, quantizer=quantizer, residual_len=self.residual)
