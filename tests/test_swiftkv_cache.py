@@ -111,3 +111,22 @@ def test_generate_from_a_checkpoint_folder(swift_models, tmp_path):
     assert result.new_tokens > 0
     assert len(result.kept_tokens_per_head) == 5
     assert result.kv_bytes_stored < 0.5 * result.kv_bytes_full
+
+
+def test_one_recorded_prefill_replays_into_the_same_caches(swift_models):
+    """What `kvsqueeze eval` does: record the prefill once, then compress it per policy;
+    the AcrossKV layers that store nothing are skipped, and the result equals a fresh run."""
+    from kvsqueeze.hf.prefill import record_prefill
+
+    model, ids = swift_models[2], prompt()
+    policy = make_policy("ada-snapkv", keep=0.4, window=WINDOW)
+    replayed = record_prefill(model, ids).cache(model, policy)
+    fresh = KVSqueezeCache(model, policy)
+    with fresh, torch.no_grad():
+        model(ids, past_key_values=fresh, logits_to_keep=1)
+    pairs = [(a.compressed.store, b.compressed.store) for a, b in zip(replayed.layers, fresh.layers, strict=True)]
+    assert [a is None for a, _ in pairs] == [b is None for _, b in pairs] == [False] * 4 + [True, False]
+    for a, b in pairs:
+        if a is not None:
+            assert torch.equal(a.positions, b.positions)
+            torch.testing.assert_close(a.keys, b.keys)

@@ -26,7 +26,9 @@ from kvsqueeze.store.quantized_kv import KVQuantConfig
 class PrefillRecord:
     """The dense prefill of one batch of prompts."""
 
-    layers: list[ScoreInput]  # per layer: queries, keys, values, real-token mask
+    # per layer: queries, keys, values, real-token mask; None for a layer that stores
+    # nothing of its own (a SwiftKV AcrossKV layer reads its group's first layer's entry)
+    layers: list[ScoreInput | None]
     last_logits: torch.Tensor  # [batch, vocab]: the next-token logits after the prompt
     seconds: float  # wall time of the model forward
     _scores: dict = dataclasses.field(default_factory=dict, repr=False)
@@ -44,6 +46,8 @@ class PrefillRecord:
             kv_key_axis=quant.key_axis,
         )
         for layer, prefill in zip(cache.layers, self.layers, strict=True):
+            if prefill is None:
+                continue
             x = dataclasses.replace(prefill, window=policy.window)
             layer.lazy_initialization(x.keys, x.values)
             layer.compressed.prefill(x, self._layer_scores(layer.compressed.layer_idx, policy, x))
@@ -61,10 +65,11 @@ class PrefillRecord:
 def record_prefill(model: PreTrainedModel, input_ids: torch.Tensor) -> PrefillRecord:
     """Run the model once over `input_ids` [batch, tokens] and keep every layer's
     dense prefill."""
-    layers: list[ScoreInput] = []
-    recording = KVSqueezeCache(model, make_policy("full"), on_prefill=lambda _, x: layers.append(x))
+    recorded: dict[int, ScoreInput] = {}
+    recording = KVSqueezeCache(model, make_policy("full"), on_prefill=recorded.__setitem__)
     with torch.inference_mode(), recording:
         start = time.perf_counter()
         logits = model(input_ids, past_key_values=recording, use_cache=True, logits_to_keep=1).logits
         seconds = time.perf_counter() - start
+    layers = [recorded.get(i) for i in range(recording.num_layers)]
     return PrefillRecord(layers=layers, last_logits=logits[:, -1].float(), seconds=seconds)
