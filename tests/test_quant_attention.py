@@ -72,3 +72,23 @@ def test_blocks_never_hold_more_than_one_block_in_full_precision():
     sizes = [keys.shape[1] for keys, _, _, _ in kv.blocks(8)]
     assert max(sizes[:-1]) <= 8  # the last is the residual, at most R + G - 1 entries
     assert sizes[-1] == int(kv.residual.lengths.max())
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_the_shortcut_layouts_equal_the_general_path(bits):
+    """Equal heads with whole groups (a batch without per-head budgets) take the strided
+    view and broadcast scales; evicting one entry takes them off both shortcuts."""
+    gen = torch.Generator().manual_seed(bits)
+    keys, values = torch.randn(4, 75, D, generator=gen), torch.randn(4, 75, D, generator=gen)
+    kv = QuantizedKV.from_dense(
+        keys, values, torch.ones(4, 75, dtype=torch.bool), quantizer=KVQuantizer(bits=bits, group=8), residual_len=6
+    )
+    query = torch.randn(4, 3, 1, D, generator=gen)
+    q_pos = torch.full((4, 1), 80)
+    for _ in range(2):
+        got = quantized_attention_reference(query, kv, q_pos, D**-0.5, block=20)
+        want = ragged_attention_reference(query, kv.dequantized(), q_pos, D**-0.5)
+        torch.testing.assert_close(got, want, **TOL)
+        keep = torch.ones(4, 75, dtype=torch.bool)
+        keep[2, 9] = False
+        kv.evict(keep)

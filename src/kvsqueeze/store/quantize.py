@@ -11,8 +11,9 @@ channel of the token, which is what makes naive 2-bit collapse.
 Codes are unsigned b-bit integers packed in planes along the channel axis: with m
 bytes per token, an int4 byte j holds channel j (low nibble) and channel j + m (high
 nibble), an int2 byte channels j, j + m, j + 2m, j + 3m (bits 0-1, 2-3, 4-5, 6-7).
-Scale and zero point are fp16; a code c stands for c * scale + zero. Codes are computed against the fp16-rounded scale and zero, so
-the round-trip error is half a step plus fp16 rounding of the range's ends.
+Scale and zero point are fp16; a code c stands for c * scale + zero. Codes are
+computed against the fp16-rounded scale and zero, so the round-trip error is half a
+step plus fp16 rounding of the range's ends.
 
 Everything is a function of tensors whose leading axes are free, so a flat store
 (store/quantized_kv.py) and a paged store (a block = a key group) share it: a key
@@ -131,7 +132,7 @@ class KVQuantizer:
     ) -> torch.Tensor:
         """Packed key codes [..., d*bits/8] with each token's group scale and zero
         [..., d] (broadcast to the codes' leading axes) to keys [..., d] in `dtype`."""
-        return unpack(codes, self.bits).to(dtype) * scale.to(dtype) + zero.to(dtype)
+        return torch.addcmul(zero.to(dtype), unpack(codes, self.bits).to(dtype), scale.to(dtype))
 
     # ------------------------------------------------------------- per-token rows
     def quantize_rows(self, x: torch.Tensor) -> torch.Tensor:
@@ -150,4 +151,4 @@ class KVQuantizer:
         meta = rows[..., n_codes:].contiguous().view(torch.float16).to(dtype)
         scale, zero = meta[..., :n_groups, None], meta[..., n_groups:, None]
         codes = unpack(rows[..., :n_codes], self.bits).to(dtype)
-        return (codes.unflatten(-1, (n_groups, group)) * scale + zero).flatten(-2)
+        return torch.addcmul(zero, codes.unflatten(-1, (n_groups, group)), scale).flatten(-2)

@@ -33,7 +33,7 @@ import torch
 
 from kvsqueeze.store.base import KVStore
 from kvsqueeze.store.flat_kv import FlatKV, run_indices
-from kvsqueeze.store.quantize import KVQuantizer
+from kvsqueeze.store.quantize import KVQuantizer, unpack
 
 # Bounds that turn a mistyped flag into an error rather than a store that never
 # quantizes anything or an overflow in index math.
@@ -136,32 +136,57 @@ class QuantizedKV(KVStore):
     def blocks(
         self, block: int, dtype: torch.dtype = torch.float32
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Every head's entries `block` at a time, as (keys [heads, b, d], values, positions
-        [heads, b], live [heads, b]) padded across heads: the quantized runs dequantized
-        one block at a time, then the residual. Only one block is ever in full precision."""
+        """Every head's entries about `block` at a time, as (keys [heads, b, d], values,
+        positions [heads, b], live [heads, b]) padded across heads: the quantized runs
+        dequantized one block at a time, then the residual. Only one block is ever in
+        full precision.
+
+        Two common layouts take shortcuts: when every head has the same capacity (a
+        batch without per-head budgets) a block is a strided view of the codes, not a
+        gather; when no group has lost entries to eviction (always, short of eviction
+        during decoding) token i's key group is i // G and a block of whole groups
+        scales its codes by broadcasting, with no per-token gather of scales."""
         heads, d, q = self.num_heads, self.head_dim, self.quantizer
         lengths = self.codes.lengths
         longest = int(lengths.max()) if heads else 0
         if longest:
             scale, zero, counts, group_live = self.groups.padded()
-            # End (exclusive) of each group within its head's run; padding groups add nothing.
-            group_ends = torch.cumsum(torch.where(group_live, counts, 0), dim=1)
-            first_group = torch.arange(heads, device=lengths.device)[:, None] * scale.shape[1]
-            scale, zero = scale.flatten(0, 1), zero.flatten(0, 1)
+            g = q.group
+            aligned = q.keys_per_channel and bool((counts[group_live] == g).all())
+            block = -(-block // g) * g if aligned else block
+            if aligned:
+                scale, zero = scale.to(dtype), zero.to(dtype)
+            elif q.keys_per_channel:
+                # End (exclusive) of each group within its head's run; padding groups add nothing.
+                group_ends = torch.cumsum(torch.where(group_live, counts, 0), dim=1)
+                first_group = torch.arange(heads, device=lengths.device)[:, None] * scale.shape[1]
+                scale, zero = scale.flatten(0, 1), zero.flatten(0, 1)
+            capacity = self.codes.capacity
+            uniform = bool((capacity == capacity[0]).all())
         for start in range(0, longest, block):
-            index = torch.arange(start, min(start + block, longest), device=lengths.device).expand(heads, -1)
+            stop = min(start + block, longest)
+            index = torch.arange(start, stop, device=lengths.device).expand(heads, -1)
             live = index < lengths[:, None]
-            slots = torch.where(live, self.codes.slots(index), 0)
-            key_part, value_rows = _rows(self.codes.keys, slots), _rows(self.codes.values, slots)
-            if q.keys_per_channel:
-                group = torch.searchsorted(group_ends, index.contiguous(), right=True).clamp_max(
-                    group_ends.shape[1] - 1
-                )
-                group = group + first_group
+            if uniform:  # head h owns slots [h * capacity, (h + 1) * capacity): a view
+                cap = int(capacity[0])
+                key_part = self.codes.keys.view(heads, cap, -1)[:, start:stop]
+                value_rows = self.codes.values.view(heads, cap, -1)[:, start:stop]
+                positions = self.codes.positions.view(heads, cap)[:, start:stop]
+            else:
+                slots = torch.where(live, self.codes.slots(index), 0)
+                key_part, value_rows = _rows(self.codes.keys, slots), _rows(self.codes.values, slots)
+                positions = _rows(self.codes.positions, slots)
+            if aligned:  # stop is a whole number of groups: every quantized run is
+                span = slice(start // g, stop // g)
+                codes = unpack(key_part, q.bits).to(dtype).unflatten(1, (-1, g))
+                keys = torch.addcmul(zero[:, span, None], codes, scale[:, span, None]).flatten(1, 2)
+            elif q.keys_per_channel:
+                group = torch.searchsorted(group_ends, index.contiguous(), right=True)
+                group = group.clamp_max(group_ends.shape[1] - 1) + first_group
                 keys = q.dequantize_keys(key_part, _rows(scale, group), _rows(zero, group), dtype)
             else:
                 keys = q.dequantize_rows(key_part, d, dtype)
-            yield keys, q.dequantize_rows(value_rows, d, dtype), _rows(self.codes.positions, slots), live
+            yield keys, q.dequantize_rows(value_rows, d, dtype), positions, live
         keys, values, positions, live = self.residual.padded()
         yield keys.to(dtype), values.to(dtype), positions, live
 
