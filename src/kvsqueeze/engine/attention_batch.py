@@ -27,6 +27,8 @@ class AttentionBatch:
     cu_seqlens_q: torch.Tensor  # [S + 1] int32, query start offsets into the flat batch
     context_lens: torch.Tensor  # [S] int32, num_cached + query_lens: keys each sequence attends to
     logits_indices: torch.Tensor  # [S] int64, the last row of each sequence: the only rows that need logits
+    # SwiftKV: how many last tokens of each sequence run the layers above kv_layer (None: all)
+    tail_lens: list[int] | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -45,6 +47,7 @@ class AttentionBatch:
         is_prefill: list[bool] | None = None,
         is_last_chunk: list[bool] | None = None,
         device: torch.device | str = "cpu",
+        tail_lens: list[int] | None = None,
     ) -> AttentionBatch:
         """A batch from each sequence's new tokens and how many it has cached already.
 
@@ -78,6 +81,7 @@ class AttentionBatch:
                 [c + n for c, n in zip(num_cached, query_lens, strict=True)], dtype=torch.int32, device=device
             ),
             logits_indices=torch.tensor(cu[1:], dtype=torch.int64, device=device) - 1,
+            tail_lens=tail_lens,
         )
 
 

@@ -14,7 +14,8 @@ prompt chunk is compressed as soon as it has run instead (bounded peak KV).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -36,13 +37,17 @@ class PagedCompressedCache:
         scaling: float,
         sliding_windows: Sequence[int | None],
         compress_chunks: bool = False,
+        kv_entries: Sequence[int] | None = None,
     ) -> None:
         self.blocks, self.compress_chunks = blocks, compress_chunks
         self.num_heads, self.scaling, self.sliding_windows = num_heads, scaling, tuple(sliding_windows)
-        self.num_layers = blocks.num_layers
+        # Layer -> the BlockManager entry holding its K/V (SwiftKV's AcrossKV layers share one).
+        self.kv_entries = tuple(kv_entries) if kv_entries is not None else tuple(range(blocks.num_layers))
+        self.num_layers = len(self.kv_entries)
         self.chunks: list[ScheduledChunk] = []
         self._prompt_queries: dict[tuple[int, int], list[torch.Tensor]] = {}  # (seq, layer) -> [n, hq, d] chunks
         self._recent: dict[tuple[int, int], torch.Tensor] = {}  # (seq, layer) -> last queries [hq, w, d]
+        self._evictions: list[Callable[[], object]] = []  # waiting for the entry's last reader
         blocks.on_free.append(self._forget)
 
     def begin_step(self, chunks: list[ScheduledChunk]) -> None:
@@ -59,30 +64,54 @@ class PagedCompressedCache:
             self._recent.pop((seq_id, layer), None)
 
     def attend(
-        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: object = None
+        self,
+        layer_idx: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        batch: object = None,
+        query_lens: Sequence[int] | None = None,
+        writes: bool = True,
     ) -> torch.Tensor:
-        """q [T, q_heads, d], k/v [T, kv_heads, d] for the step's flat tokens; returns [T, q_heads, d]."""
+        """k/v [T, kv_heads, d] for the step's flat tokens, q [T', q_heads, d]: every token's
+        query, or (SwiftKV's upper layers) only the last query_lens[i] of chunk i's. With
+        writes=False (an AcrossKV layer that is not its group's first) the layer attends
+        over the entry its group's first layer stored this step and stores nothing.
+        Returns [T', q_heads, d]."""
         out = torch.empty_like(q)
-        decode: list[tuple[int, PagedKV, ScheduledChunk]] = []  # (token offset, store, chunk)
-        offset = 0
-        for chunk in self.chunks:
+        decode: list[tuple[int, int, PagedKV, ScheduledChunk]] = []  # (key row, query row, store, chunk)
+        offset = q_offset = 0
+        entry = self.kv_entries[layer_idx]
+        for i, chunk in enumerate(self.chunks):
             n, seq = chunk.num_tokens, chunk.seq
-            span = slice(offset, offset + n)
-            store = self.blocks.layer(seq.seq_id, layer_idx)
-            scored = chunk.start < seq.compress_at and seq.policy.compresses  # its queries feed the policy
+            m = n if query_lens is None else query_lens[i]
+            store = self.blocks.layer(seq.seq_id, entry)
+            scored = writes and chunk.start < seq.compress_at and seq.policy.compresses  # its queries feed the policy
             if n == 1 and store is not None and not scored:
-                decode.append((offset, store, chunk))
+                decode.append((offset, q_offset, store, chunk))
             else:
-                out[span] = self._chunk(layer_idx, chunk, q[span], k[span], v[span], store)
-            offset += n
+                span, q_span = slice(offset, offset + n), slice(q_offset, q_offset + m)
+                out[q_span] = self._chunk(layer_idx, chunk, q[q_span], k[span], v[span], store, writes)
+            offset, q_offset = offset + n, q_offset + m
         if decode:
-            rows = torch.tensor([o for o, _, _ in decode])
-            stores, positions = [s for _, s, _ in decode], [c.start for _, _, c in decode]
-            append_step(stores, k[rows].flatten(0, 1), v[rows].flatten(0, 1), positions)
-            out[rows] = self._decode(q[rows], stores, positions, self.sliding_windows[layer_idx])
-            for row, store, chunk in decode:
-                self._bound(layer_idx, chunk, store, q[row : row + 1])
+            rows, q_rows = torch.tensor([r for r, _, _, _ in decode]), torch.tensor([r for _, r, _, _ in decode])
+            stores, positions = [s for _, _, s, _ in decode], [c.start for _, _, _, c in decode]
+            if writes:
+                append_step(stores, k[rows].flatten(0, 1), v[rows].flatten(0, 1), positions)
+            out[q_rows] = self._decode(q[q_rows], stores, positions, self.sliding_windows[layer_idx])
+            if writes:
+                for _, row, store, chunk in decode:
+                    self._later(self._bound, layer_idx, chunk, store, q[row : row + 1])
+        if layer_idx + 1 == self.num_layers or self.kv_entries[layer_idx + 1] != entry:
+            for evict in self._evictions:  # every layer that reads the entry has attended
+                evict()
+            self._evictions.clear()
         return out
+
+    def _later(self, evict: Callable[..., object], *args: object) -> None:
+        """Evict from an entry once the last layer reading it has attended this step: an
+        AcrossKV group's other layers see what its first layer saw (as in the HF path)."""
+        self._evictions.append(functools.partial(evict, *args))
 
     def _bound(self, layer_idx: int, chunk: ScheduledChunk, store: PagedKV, queries: torch.Tensor) -> None:
         """Decoding under a per-head cap: remember the recent queries and evict from heads
@@ -107,34 +136,43 @@ class PagedCompressedCache:
         k: torch.Tensor,
         v: torch.Tensor,
         store: PagedKV | None,
+        writes: bool = True,
     ) -> torch.Tensor:
-        """Store a chunk of one sequence and attend its queries over everything stored."""
-        n, hq, d = q.shape
-        hkv = k.shape[1]
+        """Store a chunk of one sequence (unless `writes` is False) and attend its queries,
+        the chunk's last q.shape[0] ones, over everything stored."""
+        m, hq, d = q.shape
+        n, hkv = k.shape[0], k.shape[1]
         positions = torch.arange(chunk.start, chunk.end)
         keys, values = k.transpose(0, 1), v.transpose(0, 1)  # [hkv, n, d]
         window = self.sliding_windows[layer_idx]
-        queries = q.transpose(0, 1)  # [hq, n, d]
-        if store is None:  # the first chunk: plain causal attention over itself
-            store = self.blocks.join(chunk.seq.seq_id, layer_idx, keys, values, positions)
+        queries = q.transpose(0, 1)  # [hq, m, d]
+        if store is None and m == n:  # the first chunk: plain causal attention over itself
+            store = self.blocks.join(chunk.seq.seq_id, self.kv_entries[layer_idx], keys, values, positions)
             out = dense_causal_attention(queries[None], keys[None], values[None], None, self.scaling, window)[0]
         else:
-            store.append(keys, values, positions)
+            if store is None:
+                store = self.blocks.join(chunk.seq.seq_id, self.kv_entries[layer_idx], keys, values, positions)
+            elif writes:
+                store.append(keys, values, positions)
             slots, live = store.live_slots()
-            grouped = queries.reshape(hkv, hq // hkv, n, d)
-            out = _gathered_attention(grouped, store.pool, slots, live, positions.expand(hkv, n), self.scaling, window)
-            out = out.reshape(hq, n, d)
+            grouped = queries.reshape(hkv, hq // hkv, m, d)
+            q_pos = positions[n - m :].expand(hkv, m)
+            out = _gathered_attention(grouped, store.pool, slots, live, q_pos, self.scaling, window).reshape(hq, m, d)
+        if not writes:
+            return out.transpose(0, 1)
+        if m < n:  # prompt queries the layer did not run (SwiftKV) observe nothing: zeros
+            q = torch.cat([q.new_zeros(n - m, hq, d), q])
         if chunk.start < chunk.seq.compress_at and chunk.seq.policy.compresses and self.compress_chunks:
-            self._compress_chunk(layer_idx, chunk, store, q)
+            self._later(self._compress_chunk, layer_idx, chunk, store, q)
         elif chunk.start < chunk.seq.compress_at and chunk.seq.policy.compresses:
             key = (chunk.seq.seq_id, layer_idx)
             self._prompt_queries.setdefault(key, []).append(q)
             if chunk.compresses:
                 queries = torch.cat(self._prompt_queries.pop(key))
-                self._compress(layer_idx, chunk, store, queries)
-                self._bound(layer_idx, chunk, store, queries)
+                self._later(self._compress, layer_idx, chunk, store, queries)
+                self._later(self._bound, layer_idx, chunk, store, queries)
         elif chunk.start >= chunk.seq.num_prompt_tokens:  # a recomputed sequence's generated tokens
-            self._bound(layer_idx, chunk, store, q)
+            self._later(self._bound, layer_idx, chunk, store, q)
         return out.transpose(0, 1)
 
     def _compress(self, layer_idx: int, chunk: ScheduledChunk, store: PagedKV, queries: torch.Tensor) -> None:

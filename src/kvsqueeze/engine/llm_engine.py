@@ -75,7 +75,7 @@ class LLMEngine:
         cfg = self.runner.config
         self.config = cfg
         self.blocks = BlockManager(
-            cfg.num_layers,
+            cfg.num_kv_entries,
             cfg.num_kv_heads,
             cfg.head_dim,
             resolve_dtype(args.dtype),
@@ -84,7 +84,12 @@ class LLMEngine:
             args.block_size,
         )
         self.cache = PagedCompressedCache(
-            self.blocks, cfg.num_heads, cfg.head_dim**-0.5, cfg.sliding_windows, args.compress_chunks
+            self.blocks,
+            cfg.num_heads,
+            cfg.head_dim**-0.5,
+            cfg.sliding_windows,
+            args.compress_chunks,
+            [cfg.kv_entry(i) for i in range(cfg.num_layers)],
         )
         self.scheduler = Scheduler(self.blocks, args.max_num_seqs, args.max_num_batched_tokens)
         self.default_policy = make_policy(args.policy, args.keep, args.tokens, window=args.window, alpha=args.alpha)
@@ -198,7 +203,19 @@ class LLMEngine:
             is_prefill=[c.start < c.seq.num_prompt_tokens for c in chunks],
             is_last_chunk=[c.ends_prompt or c.start >= c.seq.num_prompt_tokens for c in chunks],
             device=self.runner.device,
+            tail_lens=[self._tail(c) for c in chunks] if self.config.kv_layer < self.config.num_layers else None,
         )
+
+    def _tail(self, chunk: ScheduledChunk) -> int:
+        """SwiftKV: the chunk's last tokens that run the upper layers. One (the token sampled
+        from, or a mid-prompt chunk's last: cheap, and the forward gives every sequence a
+        row), or the policy's window when the policy compresses after this chunk, scoring
+        with its last queries."""
+        seq = chunk.seq
+        scored = seq.policy.compresses and (
+            chunk.compresses or (self.args.compress_chunks and chunk.start < seq.compress_at)
+        )
+        return min(chunk.num_tokens, seq.policy.window) if scored else 1
 
     def _advance(self, seq: Sequence, token: int, now: float) -> RequestOutput:
         """Append a sampled token; finish the sequence if it is done."""

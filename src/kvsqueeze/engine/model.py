@@ -24,7 +24,8 @@ ACTIVATIONS = {
     "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"),
     "relu": F.relu,
 }
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SWIFTKV_MODEL_TYPE = "kvsqueeze_swiftkv_llama"  # swiftkv/config.py's, spelled here: the engine imports no transformers
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", SWIFTKV_MODEL_TYPE)
 ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -48,6 +49,29 @@ class ModelConfig:
     hidden_act: str
     sliding_windows: tuple[int | None, ...]  # per layer: keys a query sees, itself included; None = all
     eos_token_ids: tuple[int, ...] = field(default=())
+    # SwiftKV (swiftkv/): layers >= kv_layer take K/V from one projection of layer kv_layer's
+    # input; groups of `across_group` of them share one cache entry. kv_layer = num_layers: plain.
+    swiftkv_kv_layer: int | None = None
+    swiftkv_across_group: int = 1
+
+    @property
+    def kv_layer(self) -> int:
+        return self.num_layers if self.swiftkv_kv_layer is None else self.swiftkv_kv_layer
+
+    def kv_entry(self, layer: int) -> int:
+        """The cache entry layer `layer` reads: its own below kv_layer, else its AcrossKV group's."""
+        if layer < self.kv_layer:
+            return layer
+        return self.kv_layer + (layer - self.kv_layer) // self.swiftkv_across_group
+
+    @property
+    def num_kv_entries(self) -> int:
+        """Distinct KV caches the model stores: one per layer, one per AcrossKV group above kv_layer."""
+        return self.kv_entry(self.num_layers - 1) + 1
+
+    def is_kv_leader(self, layer: int) -> bool:
+        """Whether `layer` writes its cache entry (the first layer of an AcrossKV group does)."""
+        return layer < self.kv_layer or (layer - self.kv_layer) % self.swiftkv_across_group == 0
 
     @classmethod
     def from_dict(cls, cfg: dict) -> ModelConfig:
@@ -88,6 +112,8 @@ class ModelConfig:
             hidden_act=hidden_act,
             sliding_windows=sliding_windows(cfg, num_layers),
             eos_token_ids=tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]),
+            swiftkv_kv_layer=cfg.get("swiftkv_kv_layer") if model_type == SWIFTKV_MODEL_TYPE else None,
+            swiftkv_across_group=cfg.get("swiftkv_across_group", 1) if model_type == SWIFTKV_MODEL_TYPE else 1,
         )
 
 
@@ -172,6 +198,13 @@ class LlamaModel:
                     down_bias=maybe(mlp + "down_proj.bias"),
                 )
             )
+        # SingleInputKV: a norm of layer kv_layer's input and one fused K/V projection for
+        # every cache entry above it (rows: entry 0's K, its V, entry 1's K, ...).
+        self.swift_norm = maybe("model.swiftkv.norm.weight")
+        self.swift_kv = maybe("model.swiftkv.kv_proj.weight")
+        self.swift_kv_bias = maybe("model.swiftkv.kv_proj.bias")
+        if config.kv_layer < config.num_layers and self.swift_kv is None:
+            raise KVSqueezeError("a SwiftKV config without model.swiftkv.kv_proj weights")
         self.rope = RotaryEmbedding(
             config.head_dim, config.rope_theta, config.rope_scaling, config.max_position_embeddings, dtype, device
         )
@@ -184,14 +217,47 @@ class LlamaModel:
         T, nh, nkv, d, eps = batch.num_tokens, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
         cos, sin = self.rope.lookup(batch.positions)
         x = F.embedding(batch.input_ids, self.embed)
-        for i, w in enumerate(self.layers):
+        for i, w in enumerate(self.layers[: cfg.kv_layer]):
             qkv = F.linear(rms_norm(x, w.input_norm, eps), w.qkv, w.qkv_bias).view(T, nh + 2 * nkv, d)
             # q and k rotate together: one set of elementwise ops per layer instead of two.
             qk = apply_rope(qkv[:, : nh + nkv], cos, sin)
             out = backend.attend(i, qk[:, :nh], qk[:, nh:], qkv[:, nh + nkv :], batch)
-            x = x + F.linear(out.reshape(T, nh * d), w.o, w.o_bias)
-            gate, up = F.linear(rms_norm(x, w.post_norm, eps), w.gate_up, w.gate_up_bias).chunk(2, dim=-1)
-            x = x + F.linear(self.act(gate) * up, w.down, w.down_bias)
+            x = self._residual(x, out.reshape(T, nh * d), w)
+        logits_rows = batch.logits_indices
+        if cfg.kv_layer < cfg.num_layers:
+            x, logits_rows = self._upper(x, batch, backend, cos, sin)
         # Only the rows that are sampled from go through the final norm and the LM head.
-        x = rms_norm(x[batch.logits_indices], self.norm, eps)
+        x = rms_norm(x[logits_rows], self.norm, eps)
         return F.linear(x, self.lm_head).float()
+
+    def _residual(self, x: torch.Tensor, attn: torch.Tensor, w: LayerWeights) -> torch.Tensor:
+        """The rest of a decoder layer after attention: output projection and MLP, with residuals."""
+        x = x + F.linear(attn, w.o, w.o_bias)
+        gate, up = F.linear(rms_norm(x, w.post_norm, self.config.rms_norm_eps), w.gate_up, w.gate_up_bias).chunk(2, -1)
+        return x + F.linear(self.act(gate) * up, w.down, w.down_bias)
+
+    def _upper(
+        self, x: torch.Tensor, batch: AttentionBatch, backend: AttentionBackend, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """SwiftKV's layers >= kv_layer: every token's K/V of every entry from one projection of
+        layer kv_layer's input; the layers themselves run only for each sequence's last
+        `tail_lens` tokens. Returns those rows' hidden states and where the logits rows are."""
+        cfg = self.config
+        T, nh, nkv, d, eps = batch.num_tokens, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
+        kv = F.linear(rms_norm(x, self.swift_norm, eps), self.swift_kv, self.swift_kv_bias)
+        kv = kv.view(T, -1, 2, nkv, d)  # [T, entries, k|v, kv_heads, d]
+        tails = batch.tail_lens or batch.query_lens
+        ends = batch.cu_seqlens_q[1:].tolist()
+        rows = torch.tensor([r for end, m in zip(ends, tails, strict=True) for r in range(end - m, end)])
+        x, cos_q, sin_q = x[rows], cos[rows], sin[rows]
+        keys = apply_rope(kv[:, :, 0].reshape(T, -1, d), cos, sin).view(T, -1, nkv, d)  # [T, entries, kv_heads, d]
+        for i in range(cfg.kv_layer, cfg.num_layers):
+            w, entry = self.layers[i], cfg.kv_entry(i) - cfg.kv_layer
+            q_bias = None if w.qkv_bias is None else w.qkv_bias[: nh * d]
+            q = F.linear(rms_norm(x, w.input_norm, eps), w.qkv[: nh * d], q_bias)
+            q = apply_rope(q.view(-1, nh, d), cos_q, sin_q)
+            out = backend.attend(
+                i, q, keys[:, entry], kv[:, entry, 1], batch, query_lens=tails, writes=cfg.is_kv_leader(i)
+            )
+            x = self._residual(x, out.reshape(-1, nh * d), w)
+        return x, torch.tensor(tails).cumsum(0) - 1
