@@ -6,7 +6,8 @@ memory, then writes OUT/results.json, OUT/summary.md (ratios to vLLM) and
 OUT/throughput.png.
 
 usage: python benchmarks/engine_vs_vllm.py --vllm-python /path/to/vllm-venv/bin/python \\
-           [--num-prompts 32 --prompt-len 2048 --output-len 256 --kv-gib 1 --keep 0.125] --out DIR
+           [--num-prompts 32 --prompt-len 2048 --output-len 256 --kv-gib 1 --keep 0.125] \\
+           [--swiftkv-model DIR --swiftkv-policies ada-snapkv] --out DIR
 """
 
 from __future__ import annotations
@@ -31,9 +32,9 @@ def run_vllm(python: str, model_dir: Path, text: Path, n: int, length: int, out_
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def run_ours(args: argparse.Namespace) -> list[dict]:
-    cmd = [str(Path(sys.executable).parent / "kvsqueeze"), "bench-engine", "--model", "smollm2-135m",
-           "--policies", args.policies, "--keep", str(args.keep), "--num-prompts", str(args.num_prompts),
+def run_ours(args: argparse.Namespace, model: str, policies: str) -> list[dict]:
+    cmd = [str(Path(sys.executable).parent / "kvsqueeze"), "bench-engine", "--model", model,
+           "--policies", policies, "--keep", str(args.keep), "--num-prompts", str(args.num_prompts),
            "--prompt-len", str(args.prompt_len), "--output-len", str(args.output_len),
            "--kv-memory", f"{args.kv_gib}GiB", "--dtype", "bf16", "--json"]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, check=True)
@@ -49,6 +50,8 @@ def main() -> None:
     parser.add_argument("--kv-gib", type=int, default=1)
     parser.add_argument("--keep", type=float, default=0.125)
     parser.add_argument("--policies", default="full,snapkv,ada-snapkv")
+    parser.add_argument("--swiftkv-model", help="also run this SwiftKV checkpoint folder (kvsqueeze distill's output)")
+    parser.add_argument("--swiftkv-policies", default="ada-snapkv")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
@@ -60,7 +63,10 @@ def main() -> None:
         f.write(essays_file_text())
     vllm = run_vllm(args.vllm_python, model_folder("smollm2-135m"), Path(f.name), args.num_prompts,
                     args.prompt_len, args.output_len, args.kv_gib)  # fmt: skip
-    ours = run_ours(args)
+    ours = [r | {"engine": "kvsqueeze"} for r in run_ours(args, "smollm2-135m", args.policies)]
+    if args.swiftkv_model:
+        swift = run_ours(args, args.swiftkv_model, args.swiftkv_policies)
+        ours += [r | {"engine": "kvsqueeze + SwiftKV"} for r in swift]
     results = {"workload": vars(args) | {"out": str(args.out)}, "vllm": vllm, "kvsqueeze": ours}
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
 
@@ -74,7 +80,7 @@ def main() -> None:
     ]
     for r in ours:
         lines.append(
-            f"| kvsqueeze | {r['policy']} | {r['seconds']} | {r['total_tokens_per_second']} | "
+            f"| {r['engine']} | {r['policy']} | {r['seconds']} | {r['total_tokens_per_second']} | "
             f"{r['output_tokens_per_second']} | {r['total_tokens_per_second'] / vllm['total_tok_s']:.2f} | "
             f"{r['output_tokens_per_second'] / vllm['gen_tok_s']:.2f} | {r['max_running']} |"
         )
@@ -86,7 +92,7 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = ["vLLM full"] + [f"ours {r['policy']}" for r in ours]
+    names = ["vLLM full"] + [f"{'swiftkv ' if 'SwiftKV' in r['engine'] else 'ours '}{r['policy']}" for r in ours]
     total = [vllm["total_tok_s"]] + [r["total_tokens_per_second"] for r in ours]
     output = [vllm["gen_tok_s"]] + [r["output_tokens_per_second"] for r in ours]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
