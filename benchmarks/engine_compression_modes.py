@@ -38,7 +38,8 @@ from kvsqueeze.hf.models import model_folder  # noqa: E402
 MODES = ("after-prefill", "per-chunk", "shared-prefix")
 
 
-def run(args: argparse.Namespace) -> list[dict]:
+def run(args: argparse.Namespace, partial: Path) -> list[dict]:
+    """Every (policy, mode, sample); rows are also written to `partial` as they come."""
     folder = model_folder(args.model)
     fmt = PromptFormat(AutoTokenizer.from_pretrained(folder))
     lengths = tuple(int(n) for n in args.lengths.split(","))
@@ -69,6 +70,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                     "prediction": text, "score": score(sample.metric, text, sample.answers),
                     "peak_kv_bytes": engine.peak_stored_bytes, "prompt_tokens": len(context) + len(question),
                 })  # fmt: skip
+                partial.write_text(json.dumps(rows, indent=1))
                 bar.update(1)
     return rows
 
@@ -119,8 +121,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("docs/results/engine_compression_modes"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = run(args)
-    (args.out / "results.json").write_text(json.dumps(rows, indent=1))
+    rows = run(args, args.out / "results.json")
     table = summarize(rows, args.out)
     (args.out / "summary.md").write_text(
         f"# Engine compression modes: needle, {args.model}, keep {args.keep}, chunk {args.chunk}\n\n"
