@@ -101,7 +101,8 @@ class PagedCompressedCache:
             out[q_rows] = self._decode(q[q_rows], stores, positions, self.sliding_windows[layer_idx])
             if writes:
                 for _, row, store, chunk in decode:
-                    self._later(self._bound, layer_idx, chunk, store, q[row : row + 1])
+                    if chunk.seq.max_kv_tokens is not None:  # the hot path skips sequences without a cap
+                        self._later(self._bound, layer_idx, chunk, store, q[row : row + 1])
         if layer_idx + 1 == self.num_layers or self.kv_entries[layer_idx + 1] != entry:
             for evict in self._evictions:  # every layer that reads the entry has attended
                 evict()
