@@ -15,6 +15,7 @@ from kvsqueeze.eval.prompt import PromptFormat
 from kvsqueeze.eval.sample import Sample
 from kvsqueeze.hf.cache import use_kvsqueeze_attention
 from kvsqueeze.hf.decode import greedy, stop_ids
+from kvsqueeze.hf.kvzip import records_by_policy
 from kvsqueeze.hf.prefill import PrefillRecord, record_prefill
 from kvsqueeze.policy import Policy
 from kvsqueeze.store.quantized_kv import KVQuantConfig
@@ -63,8 +64,9 @@ def evaluate_sample(
 
     rows = []
     with torch.inference_mode(), use_kvsqueeze_attention(model):
-        record = record_prefill(model, torch.tensor([prompt], device=model.device))
-        for policy in policies:
+        prefilled = record_prefill(model, torch.tensor([prompt], device=model.device))
+        records = records_by_policy(model, fmt.tokenizer, prefilled, context_ids, fmt.chat, policies)
+        for policy, record in zip(policies, records, strict=True):
             cache, measured = _compress(model, record, policy, quant)
             logits = record.last_logits
             if question_agnostic:  # the question reaches the compressed cache uncompressed
@@ -97,8 +99,9 @@ def _perplexity_rows(
     context_ids, continuation_ids = fmt.tokens(sample.context), fmt.tokens(sample.continuation)
     rows = []
     with torch.inference_mode(), use_kvsqueeze_attention(model):
-        record = record_prefill(model, torch.tensor([context_ids], device=model.device))
-        for policy in policies:
+        prefilled = record_prefill(model, torch.tensor([context_ids], device=model.device))
+        records = records_by_policy(model, fmt.tokenizer, prefilled, context_ids, False, policies)
+        for policy, record in zip(policies, records, strict=True):
             cache, measured = _compress(model, record, policy, quant)
             nll = -float(token_logprobs(model, cache, record.last_logits, continuation_ids).mean())
             rows.append(

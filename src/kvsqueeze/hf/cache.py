@@ -30,15 +30,16 @@ ATTENTION_NAME = "kvsqueeze"
 
 
 @contextmanager
-def use_kvsqueeze_attention(model: PreTrainedModel) -> Iterator[PreTrainedModel]:
-    """Run `model` with the "kvsqueeze" attention inside the block; restore its own after."""
+def use_kvsqueeze_attention(model: PreTrainedModel, attention: str = ATTENTION_NAME) -> Iterator[PreTrainedModel]:
+    """Run `model` with the "kvsqueeze" attention (or another registered `attention`, such
+    as hf/kvzip.py's capturing one) inside the block; restore its own after."""
     previous = model.config._attn_implementation
-    if previous != ATTENTION_NAME:
-        model.set_attn_implementation(ATTENTION_NAME)
+    if previous != attention:
+        model.set_attn_implementation(attention)
     try:
         yield model
     finally:
-        if previous != ATTENTION_NAME:
+        if previous != attention:
             model.set_attn_implementation(previous)
 
 

@@ -10,9 +10,11 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kvsqueeze.errors import KVSqueezeError
-from kvsqueeze.hf.cache import KVSqueezeCache
+from kvsqueeze.hf.cache import KVSqueezeCache, use_kvsqueeze_attention
 from kvsqueeze.hf.decode import greedy, stop_ids
+from kvsqueeze.hf.kvzip import needs_reconstruction, reconstruct
 from kvsqueeze.hf.models import max_context
+from kvsqueeze.hf.prefill import record_prefill
 from kvsqueeze.hf.prompt import encode_prompt
 from kvsqueeze.policy import Policy
 from kvsqueeze.store.quantized_kv import KVQuantConfig
@@ -69,24 +71,30 @@ def generate(
         )
     device = model.device
     prompt = torch.tensor([context_ids + question_ids], device=device)
-    cache = KVSqueezeCache(
-        model, policy, kv_bits=quant.bits, kv_group=quant.group, kv_residual=quant.residual, kv_key_axis=quant.key_axis
-    )
+    split = prompt_len if question_aware or not question_ids or not context_ids else len(context_ids)
 
-    with torch.inference_mode(), cache:
+    with torch.inference_mode(), use_kvsqueeze_attention(model):
         start = time.perf_counter()
-        if question_aware or not question_ids or not context_ids:
-            logits = model(prompt, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        if needs_reconstruction(policy):  # KVzip scores the dense prefill by reconstructing the context
+            record = reconstruct(model, tokenizer, record_prefill(model, prompt[:, :split]), context_ids, chat)
+            cache, last = record.cache(model, policy, quant), record.last_logits
         else:
-            model(prompt[:, : len(context_ids)], past_key_values=cache, use_cache=True)
-            logits = model(
-                prompt[:, len(context_ids) :], past_key_values=cache, use_cache=True, logits_to_keep=1
-            ).logits
+            cache = KVSqueezeCache(
+                model,
+                policy,
+                kv_bits=quant.bits,
+                kv_group=quant.group,
+                kv_residual=quant.residual,
+                kv_key_axis=quant.key_axis,
+            )
+            last = model(prompt[:, :split], past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        if split < prompt_len:  # question-agnostic: the question reaches the compressed cache
+            last = model(prompt[:, split:], past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
         prefill_seconds = time.perf_counter() - start
         kept = cache.kept_tokens_per_head(0)
         cache.reserve(max_new_tokens)  # room for every new token at once: no regrowth while decoding
         start = time.perf_counter()
-        new = greedy(model, cache, logits[:, -1], max_new_tokens, stop_ids(model))
+        new = greedy(model, cache, last, max_new_tokens, stop_ids(model))
         decode_seconds = time.perf_counter() - start
         cache.trim()  # what an early stop left unused goes back: the bytes reported are the tokens' own
     decoded = max(len(new) - 1, 0)  # forward passes after prefill: the last token is not fed back

@@ -5,6 +5,7 @@ from kvsqueeze.policy.score.chunkkv import ChunkKVScorer
 from kvsqueeze.policy.score.expected_attention import ExpectedAttentionScorer
 from kvsqueeze.policy.score.h2o import H2OScorer
 from kvsqueeze.policy.score.knorm import KNormScorer
+from kvsqueeze.policy.score.kvzip import KVzipScorer, ReconstructionChunk
 from kvsqueeze.policy.score.random_baseline import RandomScorer
 from kvsqueeze.policy.score.snapkv import SnapKVScorer
 from kvsqueeze.policy.score.streamingllm import StreamingLLMScorer
@@ -21,6 +22,7 @@ SCORERS: dict[str, type] = {
     "random": RandomScorer,
     "chunkkv": ChunkKVScorer,
     "expected-attention": ExpectedAttentionScorer,
+    "kvzip": KVzipScorer,
 }
 
 __all__ = [
@@ -29,7 +31,9 @@ __all__ = [
     "ExpectedAttentionScorer",
     "H2OScorer",
     "KNormScorer",
+    "KVzipScorer",
     "RandomScorer",
+    "ReconstructionChunk",
     "ScoreInput",
     "Scorer",
     "SnapKVScorer",

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Protocol
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import torch
+
+if TYPE_CHECKING:
+    from kvsqueeze.policy.score.kvzip import ReconstructionChunk
 
 
 @dataclass(frozen=True)
@@ -20,6 +23,8 @@ class ScoreInput:
     sliding_window: the model's attention window for this layer, or None: a query
         sees only keys fewer than `sliding_window` positions behind it, so a key the
         window already hides from the last prompt query can never be attended again.
+    reconstruction: what the model made while reconstructing the context after the
+        prefill (KVzip, score/kvzip.py); empty unless a path ran it.
     """
 
     queries: torch.Tensor
@@ -29,6 +34,7 @@ class ScoreInput:
     scaling: float
     window: int = 32
     sliding_window: int | None = None
+    reconstruction: tuple[ReconstructionChunk, ...] = ()
 
     @property
     def group_size(self) -> int:
