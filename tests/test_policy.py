@@ -11,6 +11,7 @@ import torch
 
 from kvsqueeze.policy import Budget, Policy, ScoreInput, make_policy, policy_names
 from kvsqueeze.policy.allocate import AdaKVAllocator, UniformAllocator
+from kvsqueeze.policy.names import CROSS_PREFIX
 from kvsqueeze.policy.schedule import FlatSchedule, PyramidSchedule
 from kvsqueeze.policy.score import (
     H2OScorer,
@@ -402,7 +403,7 @@ def prefill() -> ScoreInput:
     return make_input(N_VALID, t=T, window=WINDOW, seed=7)
 
 
-@pytest.mark.parametrize("name", policy_names())
+@pytest.mark.parametrize("name", [n for n in policy_names() if not n.startswith(CROSS_PREFIX)])
 def test_preset_keep_mask(name, prefill):
     keep = 0.25
     policy = make_policy(name, keep=keep, window=WINDOW, alpha=0.2)
@@ -469,8 +470,8 @@ def test_ada_policy_splits_unevenly_on_skewed_heads():
 def test_short_prompts_are_kept_whole(name, prefill):
     policy = make_policy(name, tokens=200, window=WINDOW)
     valid = prefill.valid[:, None, :].expand(2, 2, T)
-    for layer in range(NUM_LAYERS):
-        assert torch.equal(policy.keep_mask(prefill, layer, NUM_LAYERS), valid)
+    for mask in policy.keep_masks(dict.fromkeys(range(NUM_LAYERS), prefill), NUM_LAYERS).values():
+        assert torch.equal(mask, valid)
 
 
 @pytest.mark.parametrize("name", policy_names())
@@ -480,8 +481,7 @@ def test_short_sequence_in_a_batch_is_kept_whole(name):
     policy = make_policy(name, tokens=40, window=WINDOW)
     valid = x.valid[:, None, :].expand(2, 2, 96)
     kept = 0
-    for layer in range(NUM_LAYERS):
-        mask = policy.keep_mask(x, layer, NUM_LAYERS)
+    for mask in policy.keep_masks(dict.fromkeys(range(NUM_LAYERS), x), NUM_LAYERS).values():
         assert torch.equal(mask[1], valid[1]), "a 30-token prompt fits a 40-token budget in every layer"
         kept += int(mask[0].sum())
         if name != "full":

@@ -46,7 +46,7 @@ def test_nothing_the_window_hides_is_kept(name):
     visible = torch.arange(120) >= 120 - SLIDING
     for keep, tokens in ((0.25, None), (None, 6)):
         policy = make_policy(name, keep=keep, tokens=tokens, window=4)
-        mask = policy.keep_mask(x, 0, 1)
+        mask = policy.keep_masks({0: x}, 1)[0]
         assert not bool(mask[..., ~visible].any()), "a key hidden from the last prompt query was kept"
         per_head = mask.sum(dim=-1)
         if tokens is None:  # 30 and 22 tokens of budget: all 16 visible tokens fit, all are kept

@@ -4,7 +4,8 @@ The first chunk a layer sees (the prefill) is attended densely; then the policy 
 what each (sequence, kv-head) keeps and only that goes into the store. Later chunks
 (decode steps, a continued prompt) are appended to every head and attend over the
 store. The layer counts tokens seen per sequence (the logical length) apart from
-tokens stored per head (the physical length).
+tokens stored per head (the physical length). Under a cross-layer policy the prefill
+is compressed once every layer has had its own (cache/cross_layer.py).
 
 Both the transformers adapter (hf/cache.py) and the serving engine drive this class;
 it imports only policy/, store/ and ops/.
@@ -17,6 +18,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from kvsqueeze.cache.cross_layer import CrossLayerPrefill
 from kvsqueeze.ops import append_tokens, attend, dense_causal_attention, policy_scores
 from kvsqueeze.policy import Policy, ScoreInput
 from kvsqueeze.store import FlatKV
@@ -38,9 +40,14 @@ class CompressedLayer:
         num_layers: int,
         make_store: StoreFactory = FlatKV.from_dense,
         on_prefill: PrefillCallback | None = None,
+        cross_layer: CrossLayerPrefill | None = None,
     ) -> None:
+        """`cross_layer`, shared by the layers of one cache, is required by a policy that
+        allocates across layers: this layer's prefill waits there for the others'."""
+        if policy.across_layers and policy.compresses and cross_layer is None:
+            raise ValueError(f"{policy.name} allocates across layers: give every layer one shared CrossLayerPrefill")
         self.policy, self.layer_idx, self.num_layers = policy, layer_idx, num_layers
-        self.make_store, self.on_prefill = make_store, on_prefill
+        self.make_store, self.on_prefill, self.cross_layer = make_store, on_prefill, cross_layer
         self.store: KVStore | None = None
         self.seen = 0  # slots seen, padding included: the next chunk's first position
         self.real_tokens: torch.Tensor | None = None  # [batch] unpadded tokens seen
@@ -71,7 +78,14 @@ class CompressedLayer:
         return self.store.lengths.view(-1, self.num_kv_heads)
 
     def reset(self) -> None:
+        if self.cross_layer is not None:
+            self.cross_layer.discard(self.layer_idx)
         self.store, self.seen, self.real_tokens, self.kept_after_prefill = None, 0, None, None
+
+    def settle(self) -> None:
+        """Build the store now if this layer's prefill still waits for a cross-layer allocation."""
+        if self.store is None and self.cross_layer is not None:
+            self.cross_layer.flush()
 
     # ------------------------------------------------------------------ compute
     def forward(
@@ -86,7 +100,7 @@ class CompressedLayer:
         """Attend one chunk and store its keys/values: the prefill if the layer is empty,
         a step otherwise. query [b, q_heads, q, d], keys/values [b, kv_heads, q, d],
         valid [b, q] (False on padding) or None. Returns [b, q_heads, q, d]."""
-        if self.store is not None:
+        if self.seen > 0:
             positions = torch.arange(self.seen, self.seen + query.shape[2], device=query.device)
             return self.step(query, keys, values, positions, valid, scaling, sliding_window)
         out = dense_causal_attention(query, keys, values, valid, scaling, sliding_window)
@@ -103,12 +117,20 @@ class CompressedLayer:
 
     def prefill(self, x: ScoreInput, scores: torch.Tensor | None = None) -> None:
         """Compress a dense prefill into this empty layer: keep what the policy picks.
-        `scores` may pass the policy scorer's output for `x`, computed earlier."""
-        if self.store is not None:
+        `scores` may pass the policy scorer's output for `x`, computed earlier. Under a
+        cross-layer policy the prefill waits for the other layers' (see settle())."""
+        if self.seen > 0:
             raise RuntimeError(f"layer {self.layer_idx} already holds a prefill; reset() it first")
         if scores is None and self.policy.compresses:
             scores = policy_scores(self.policy.scorer, x)  # fused on GPU for SnapKV
-        keep = self.policy.keep_mask(x, self.layer_idx, self.num_layers, scores)
+        if self.cross_layer is not None and self.policy.compresses:
+            self.seen = x.keys.shape[2]  # the logical length counts from now; the store comes later
+            self.cross_layer.add(self, x, scores)
+            return
+        self.store_prefill(x, self.policy.keep_mask(x, self.layer_idx, self.num_layers, scores))
+
+    def store_prefill(self, x: ScoreInput, keep: torch.Tensor) -> None:
+        """Store the entries keep[batch, kv_heads, tokens] of the dense prefill `x`."""
         t = x.keys.shape[2]
         positions = torch.arange(t, device=x.keys.device)
         self.num_kv_heads, self.element_size = x.keys.shape[1], x.keys.element_size()
@@ -129,6 +151,7 @@ class CompressedLayer:
     ) -> torch.Tensor:
         """Append a chunk of q tokens at `positions` [q] to every head (skipping those
         with valid[b, q] False) and attend over the store. Shapes as in forward()."""
+        self.settle()
         if self.store is None:
             raise RuntimeError(f"layer {self.layer_idx} has no prefill yet: call prefill() or forward() first")
         q_len = query.shape[2]
@@ -145,6 +168,7 @@ class CompressedLayer:
     ) -> torch.Tensor:
         """Attend queries at `positions` [q] over the store as it is, storing nothing (step()
         after appending; a layer that shares this cache, e.g. SwiftKV's AcrossKV)."""
+        self.settle()
         b, hq, q_len, d = query.shape
         hkv = self.num_kv_heads
         grouped = query.reshape(b * hkv, hq // hkv, q_len, d)

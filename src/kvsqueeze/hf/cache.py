@@ -21,7 +21,7 @@ import torch
 from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from kvsqueeze.cache import CompressedLayer, PrefillCallback
+from kvsqueeze.cache import CompressedLayer, CrossLayerPrefill, PrefillCallback
 from kvsqueeze.ops import dense_causal_attention
 from kvsqueeze.policy import Policy
 from kvsqueeze.store.quantized_kv import KVQuantConfig
@@ -155,8 +155,10 @@ class KVSqueezeCache(Cache):
         self.num_layers = _text_config(model).num_hidden_layers
         self.quant = KVQuantConfig(kv_bits, kv_group, kv_residual, kv_key_axis)
         make_store = self.quant.store_factory()
+        # A cross-layer policy compresses all layers together, once the last one has its prefill.
+        self.cross_layer = CrossLayerPrefill(policy, self.num_layers) if policy.across_layers else None
         layers = [
-            KVSqueezeLayer(CompressedLayer(policy, i, self.num_layers, make_store, on_prefill))
+            KVSqueezeLayer(CompressedLayer(policy, i, self.num_layers, make_store, on_prefill, self.cross_layer))
             for i in range(self.num_layers)
         ]
         super().__init__(layers=layers)
@@ -176,6 +178,8 @@ class KVSqueezeCache(Cache):
         self._scopes.pop().__exit__(*exc)
 
     def _filled(self) -> list[CompressedLayer]:
+        if self.cross_layer is not None:
+            self.cross_layer.flush()
         return [layer.compressed for layer in self.layers if layer.compressed.store is not None]
 
     @property

@@ -1,5 +1,5 @@
-"""The policy-name grammar: `full`, `<scorer>`, `<composed>` and `ada-<either>`, parsed
-in one place into registry keys (scorer, allocator, schedule)."""
+"""The policy-name grammar: `full`, `<scorer>`, `<composed>`, `ada-<either>` and
+`cross-<scorer>`, parsed in one place into registry keys (scorer, allocator, schedule)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from typing import NamedTuple
 from kvsqueeze.policy.score import SCORERS
 
 ADA_PREFIX = "ada-"
+# One ranking over all layers replaces any layer schedule: no `cross-<composed>`.
+CROSS_PREFIX = "cross-"
 # Papers that name a scorer together with a layer schedule.
 COMPOSED: dict[str, tuple[str, str]] = {"pyramidkv": ("snapkv", "pyramid")}
 
@@ -22,7 +24,10 @@ class PolicyName(NamedTuple):
 
 def parse_policy_name(name: str) -> PolicyName:
     """`full` -> (None, uniform, flat); `snapkv` -> (snapkv, uniform, flat);
-    `pyramidkv` -> (snapkv, uniform, pyramid); `ada-X` -> X with the ada allocator."""
+    `pyramidkv` -> (snapkv, uniform, pyramid); `ada-X` -> X with the ada allocator;
+    `cross-S` -> (S, cross, flat) for a scorer S."""
+    if name.startswith(CROSS_PREFIX) and name.removeprefix(CROSS_PREFIX) in SCORERS:
+        return PolicyName(name.removeprefix(CROSS_PREFIX), "cross", "flat")
     base = name.removeprefix(ADA_PREFIX)
     allocator = "ada" if base != name else "uniform"
     if name == "full":
@@ -38,4 +43,5 @@ def parse_policy_name(name: str) -> PolicyName:
 def policy_names() -> list[str]:
     """Every name parse_policy_name accepts."""
     ada = [f"{ADA_PREFIX}{base}" for base in (*COMPOSED, *SCORERS)]
-    return ["full", *SCORERS, *COMPOSED, *ada]
+    cross = [f"{CROSS_PREFIX}{scorer}" for scorer in SCORERS]
+    return ["full", *SCORERS, *COMPOSED, *ada, *cross]

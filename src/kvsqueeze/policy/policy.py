@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvsqueeze.policy.allocate import Allocator, UniformAllocator
+from kvsqueeze.policy.allocate import Allocator, CrossLayerAllocator, UniformAllocator
 from kvsqueeze.policy.budget import Budget
 from kvsqueeze.policy.protect import protected_tokens
 from kvsqueeze.policy.schedule import FlatSchedule, LayerSchedule
@@ -29,7 +29,7 @@ class Policy:
     name: str
     scorer: Scorer | None
     budget: Budget = field(default_factory=lambda: Budget(keep=1.0))
-    allocator: Allocator = field(default_factory=UniformAllocator)
+    allocator: Allocator | CrossLayerAllocator = field(default_factory=UniformAllocator)
     schedule: LayerSchedule = field(default_factory=FlatSchedule)
     window: int = 32
     sinks: int = 0
@@ -47,6 +47,12 @@ class Policy:
     def compresses(self) -> bool:
         return self.scorer is not None and not self.budget.is_full
 
+    @property
+    def across_layers(self) -> bool:
+        """True when the allocator ranks all layers of a sequence at once: such a policy
+        compresses through keep_masks, with every layer's prefill, not layer by layer."""
+        return isinstance(self.allocator, CrossLayerAllocator)
+
     def keep_mask(
         self, x: ScoreInput, layer_idx: int, num_layers: int, scores: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -57,6 +63,39 @@ class Policy:
         b, hkv, t, _ = x.keys.shape
         if not self.compresses:
             return x.valid[:, None, :].expand(b, hkv, t).clone()
+        if self.across_layers:
+            raise ValueError(
+                f"{self.name} allocates across layers: it needs every layer's prefill at once "
+                "(Policy.keep_masks), not one layer's"
+            )
+        scores, budget, visible = self._ranked(x, layer_idx, num_layers, scores)
+        return keep_mask(scores, self.allocator(scores, budget)) & visible[:, None, :]
+
+    def keep_masks(
+        self, prefills: dict[int, ScoreInput], num_layers: int, scores: dict[int, torch.Tensor] | None = None
+    ) -> dict[int, torch.Tensor]:
+        """keep[batch, kv_heads, tokens] of every layer in `prefills` (layer index -> its
+        prefill, all of one batch of prompts), for any policy; a cross-layer allocator
+        ranks them all together. `scores` as in keep_mask, by layer index."""
+        scores = scores or {}
+        if not (self.compresses and self.across_layers):
+            return {i: self.keep_mask(x, i, num_layers, scores.get(i)) for i, x in prefills.items()}
+        shapes = {tuple(x.keys.shape[:3]) for x in prefills.values()}
+        if len(shapes) != 1:
+            raise ValueError(f"cross-layer allocation needs every layer's prefill over the same tokens, got {shapes}")
+        ranked = {i: self._ranked(x, i, num_layers, scores.get(i)) for i, x in prefills.items()}
+        stacked = torch.stack([r[0] for r in ranked.values()])
+        counts = self.allocator(stacked, torch.stack([r[1] for r in ranked.values()]))
+        return {
+            i: keep_mask(layer_scores, count) & visible[:, None, :]
+            for (i, (layer_scores, _, visible)), count in zip(ranked.items(), counts, strict=True)
+        }
+
+    def _ranked(
+        self, x: ScoreInput, layer_idx: int, num_layers: int, scores: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(scores[b, h, t] with protected tokens at +inf and hidden ones at -inf,
+        this layer's per-head budget[b], visible[b, t]) for the allocator."""
         x.require_left_padding()
         visible = x.visible()
         n_visible = visible.sum(dim=-1)
@@ -64,14 +103,13 @@ class Policy:
         budget = self.schedule(mean_budget, layer_idx, num_layers, self.window, limit=n_visible)
         budget = torch.minimum(budget, n_visible)
 
-        protected = protected_tokens(x.valid, visible, budget, self.window, self.sinks)[:, None, :]
-        scores = (self.scorer(x) if scores is None else scores).float()
-        scores = scores.masked_fill(protected, float("inf")).masked_fill(~visible[:, None, :], float("-inf"))
-
-        counts = self.allocator(scores, budget)
-        visible = visible[:, None, :].expand(b, hkv, t)
-        keep = keep_mask(scores, counts) & visible
+        protected = protected_tokens(x.valid, visible, budget, self.window, self.sinks)
         # Short prompts are left untouched, in every layer: a prompt that fits the mean
-        # budget is not squeezed by a layer schedule that gives this layer less.
-        fits = ((n_visible <= budget) | (n_visible <= mean_budget)).view(b, 1, 1)
-        return torch.where(fits, visible, keep)
+        # budget is not squeezed by a layer schedule that gives this layer less. All its
+        # visible tokens are protected, so that no allocator moves any of them.
+        fits = (n_visible <= budget) | (n_visible <= mean_budget)
+        protected = torch.where(fits[:, None], visible, protected)
+        budget = torch.where(fits, n_visible, budget)
+        scores = (self.scorer(x) if scores is None else scores).float()
+        scores = scores.masked_fill(protected[:, None, :], float("inf"))
+        return scores.masked_fill(~visible[:, None, :], float("-inf")), budget, visible

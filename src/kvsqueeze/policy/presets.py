@@ -65,11 +65,11 @@ def make_policy(
     }
     fields = {f.name for f in dataclasses.fields(scorer_cls)}
     scorer = scorer_cls(**{k: v for k, v in offered.items() if k in fields and v is not None})
-    allocator = (
-        ALLOCATORS[parsed.allocator](alpha=alpha, safeguard=safeguard, pool_kernel=ada_pool_kernel)
-        if ada
-        else ALLOCATORS["uniform"]()
-    )
+    allocator = ALLOCATORS["uniform"]()
+    if ada:
+        allocator = ALLOCATORS["ada"](alpha=alpha, safeguard=safeguard, pool_kernel=ada_pool_kernel)
+    elif parsed.allocator == "cross":  # Ada-KV's safeguard and share pooling, over all layers
+        allocator = ALLOCATORS["cross"](alpha=alpha, pool_kernel=ada_pool_kernel)
     return Policy(
         name=name,
         scorer=scorer,

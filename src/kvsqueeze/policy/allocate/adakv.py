@@ -51,20 +51,10 @@ class AdaKVAllocator:
 
     def __call__(self, scores: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
         if self.pool_kernel > 1:
-            scores = self._pooled(scores)
+            scores = max_pooled(scores, self.pool_kernel)
         if self.safeguard == "kvpress":
             return self._kvpress(scores, budget)
         return self._paper(scores, budget)
-
-    def _pooled(self, scores: torch.Tensor) -> torch.Tensor:
-        """Max-pool the free scores; protected (+inf) and hidden (-inf) tokens stay as
-        they are and lend nothing to their neighbours."""
-        protected, hidden = scores.isposinf(), scores.isneginf()
-        free = scores.float().masked_fill(protected | hidden, float("-inf"))
-        b, h, t = free.shape
-        pooled = F.max_pool1d(free.view(b * h, 1, t), self.pool_kernel, stride=1, padding=self.pool_kernel // 2)
-        pooled = pooled.view(b, h, t).masked_fill(hidden, float("-inf"))
-        return pooled.masked_fill(protected, float("inf"))
 
     def _kvpress(self, scores: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
         b, h, t = scores.shape
@@ -94,3 +84,14 @@ class AdaKVAllocator:
         remainder = (share - whole).masked_fill(floor + whole >= candidates, -1.0)
         bonus = ranks_within(remainder) < (adaptive - whole.sum(dim=-1, keepdim=True))
         return n_protected + floor + whole + bonus.long()
+
+
+def max_pooled(scores: torch.Tensor, kernel: int) -> torch.Tensor:
+    """Max-pool scores[..., tokens] along the tokens; protected (+inf) and hidden (-inf)
+    tokens stay as they are and lend nothing to their neighbours."""
+    protected, hidden = scores.isposinf(), scores.isneginf()
+    free = scores.float().masked_fill(protected | hidden, float("-inf"))
+    t = free.shape[-1]
+    pooled = F.max_pool1d(free.reshape(-1, 1, t), kernel, stride=1, padding=kernel // 2)
+    pooled = pooled.view(free.shape).masked_fill(hidden, float("-inf"))
+    return pooled.masked_fill(protected, float("inf"))
