@@ -206,7 +206,14 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--kvpress-python", default="/tmp/kvpress-venv/bin/python")
     parser.add_argument("--out", type=Path, default=Path("docs/results/parity_kvpress"))
+    parser.add_argument(
+        "--from-results", action="store_true", help="only rewrite OUT/summary.md from OUT/results.json (and notes.md)"
+    )
     args = parser.parse_args()
+    if args.from_results:
+        saved = json.loads((args.out / "results.json").read_text())
+        write_summary(args.out, saved["run"], saved["summary"])
+        return
     if not 0.0 < args.keep < 1.0:
         sys.exit(f"--keep must be in (0, 1), got {args.keep}")
     if not Path(args.kvpress_python).is_file():
@@ -242,6 +249,8 @@ def main() -> None:
                 "jaccard_mean": float(overlap.mean()),
                 "jaccard_min": float(overlap.min()),
                 "jaccard_per_layer_head": overlap.round(4).tolist(),
+                "kept_per_layer_ours": kept.sum(axis=(1, 2)).tolist(),
+                "kept_per_layer_kvpress": their_kept.sum(axis=(1, 2)).tolist(),
                 "logprob_ours": float(logprobs.mean()),
                 "logprob_kvpress": float(their_logprobs.mean()),
             }
@@ -279,15 +288,21 @@ def write_results(out: Path, hyper: Hyper, args: argparse.Namespace, job_methods
         "kvpress": "0.5.5",
     }
     (out / "results.json").write_text(json.dumps({"run": run, "summary": rows, "per_sample": per_sample}, indent=1))
+    write_summary(out, run, rows)
+
+
+def write_summary(out: Path, run: dict, rows: list[dict]) -> None:
+    """summary.md: the table, then notes.md (the hand-written explanation of the
+    remaining differences) when it exists."""
+    n, length, keep = run["samples"], run["length"], run["keep"]
     lines = [
         "# Parity with kvpress 0.5.5",
         "",
-        f"`benchmarks/parity_kvpress.py --samples {args.samples} --length {args.length} --keep {hyper.keep}`: "
-        f"{MODEL} (fp32), {args.samples} question-aware needle prompts of about {args.length} tokens, "
-        f"keep {hyper.keep} (both sides keep kvpress's int(n x {hyper.keep:g}) tokens per head). Jaccard: "
-        "overlap of the kept token sets per layer and kv head (mean and min over layers, heads and prompts). "
-        "Log-prob: mean per-token log-probability of the answer, teacher-forced, averaged over prompts; "
-        "|Δ| max: the largest per-prompt difference.",
+        f"`benchmarks/parity_kvpress.py --samples {n} --length {length} --keep {keep}`: {run['model']} (fp32), "
+        f"{n} question-aware needle prompts of about {length} tokens, keep {keep} (both sides keep kvpress's "
+        f"int(n x {keep:g}) tokens per head). Jaccard: overlap of the kept token sets per layer and kv head "
+        "(mean and min over layers, heads and prompts). Log-prob: mean per-token log-probability of the answer, "
+        "teacher-forced, averaged over prompts; abs Δ max: the largest per-prompt difference.",
         "",
         "| method | matched as | Jaccard mean | Jaccard min | log-prob ours | log-prob kvpress | Δ (ours − kvpress) "
         "| abs Δ max |",
@@ -300,7 +315,7 @@ def write_results(out: Path, hyper: Hyper, args: argparse.Namespace, job_methods
             f"| {r['logprob_max_abs_diff']:.3f} |"
         )
     notes = out / "notes.md"
-    if notes.is_file():  # the hand-written explanation of the remaining differences
+    if notes.is_file():
         lines += ["", notes.read_text().strip()]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
 
