@@ -128,15 +128,18 @@ def run_bench(
     dtype: torch.dtype = torch.float32,
     each: Callable[[list[Policy]], Iterable[Policy]] = iter,
     quants: tuple[KVQuantConfig, ...] = (KVQuantConfig(),),
+    pooling: dict | None = None,
 ) -> list[BenchRow]:
     """One BenchRow per policy and KV storage (`quants`: 16 bits, or KIVI-quantized),
     with bound columns from a bandwidth measured here. `each` walks the policies (the
-    command line passes a progress bar)."""
+    command line passes a progress bar). `pooling` holds make_policy's pooling, kernel and
+    ada_pool_kernel settings (None: their defaults)."""
     if context < 1 or batch < 1 or new_tokens < 1:
         raise KVSqueezeError("context, batch and new-tokens must all be at least 1")
     if not policies or not quants:
         raise KVSqueezeError("no policies or no kv bits given")
-    built = [make_policy(name, keep=keep, tokens=tokens) for name in policies]  # validate before loading
+    # Built (so validated) before the model loads.
+    built = [make_policy(name, keep=keep, tokens=tokens, **(pooling or {})) for name in policies]
     model, tokenizer = load_model(model_name, dtype=dtype, device=device)
     if context + new_tokens > max_context(model):
         raise KVSqueezeError(

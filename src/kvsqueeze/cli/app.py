@@ -31,6 +31,12 @@ class Device(StrEnum):
     cuda = "cuda"
 
 
+class Pooling(StrEnum):
+    avg = "avg"
+    max = "max"
+    none = "none"
+
+
 class Dtype(StrEnum):
     bf16 = "bf16"
     fp16 = "fp16"
@@ -53,6 +59,23 @@ AlphaOption = Annotated[
     float, typer.Option("--alpha", help="Ada-KV safeguard: each head keeps >= window + alpha x (budget - window)")
 ]
 DeviceOption = Annotated[Device, typer.Option("--device", help="where the model runs")]
+PoolingOption = Annotated[
+    Pooling | None,
+    typer.Option("--pooling", help="how SnapKV-family scorers pool scores along the sequence (default: SnapKV's avg)"),
+]
+KernelOption = Annotated[
+    int | None,
+    typer.Option("--kernel", min=1, max=MAX_TOKENS, help="their pooling kernel, odd (default: SnapKV's 5)"),
+]
+AdaPoolKernelOption = Annotated[
+    int,
+    typer.Option(
+        "--ada-pool-kernel",
+        min=1,
+        max=MAX_TOKENS,
+        help="Ada-KV counts head shares on scores max-pooled with this odd kernel (1: the paper's plain rule)",
+    ),
+]
 DtypeOption = Annotated[Dtype, typer.Option("--dtype", help="weights and KV cache dtype")]
 POLICY_NAMES = ", ".join(policy_names())
 PoliciesOption = Annotated[str, typer.Option("--policies", help=f"comma-separated policy names: {POLICY_NAMES}")]
@@ -106,12 +129,17 @@ def torch_dtype(dtype: Dtype):
     return DTYPES[dtype.value]
 
 
-def _policy(name: str, keep: float | None, tokens: int | None, window: int, alpha: float):
+def _pooling(pooling: Pooling | None, kernel: int | None, ada_pool_kernel: int) -> dict:
+    """The scorer and Ada-KV pooling settings, as make_policy takes them."""
+    return {"pooling": None if pooling is None else pooling.value, "kernel": kernel, "ada_pool_kernel": ada_pool_kernel}
+
+
+def _policy(name: str, keep: float | None, tokens: int | None, window: int, alpha: float, pooling: dict):
     from kvsqueeze.policy import make_policy
 
     if keep is not None and tokens is not None:
         raise KVSqueezeError("give either --keep or --tokens, not both")
-    return make_policy(name, keep=keep, tokens=tokens, window=window, alpha=alpha)
+    return make_policy(name, keep=keep, tokens=tokens, window=window, alpha=alpha, **pooling)
 
 
 def _quant(bits: int, group: int, residual: int, key_axis: str = "channel"):
@@ -161,6 +189,9 @@ def generate(
     tokens: TokensOption = None,
     window: WindowOption = 32,
     alpha: AlphaOption = 0.2,
+    pooling: PoolingOption = None,
+    kernel: KernelOption = None,
+    ada_pool_kernel: AdaPoolKernelOption = 7,
     prompt: Annotated[str | None, typer.Option("--prompt", help="prompt text (the context)")] = None,
     prompt_file: Annotated[Path | None, typer.Option("--prompt-file", help="read the prompt from a file")] = None,
     question: Annotated[str | None, typer.Option("--question", help="question asked after the context")] = None,
@@ -178,7 +209,7 @@ def generate(
     as_json: Annotated[bool, typer.Option("--json", metavar="", help="print one JSON object")] = False,
 ) -> None:
     """Generate with a compressed KV cache and report its memory and speed."""
-    pol = _policy(policy, keep, tokens, window, alpha)
+    pol = _policy(policy, keep, tokens, window, alpha, _pooling(pooling, kernel, ada_pool_kernel))
     quant = _quant(kv_bits, kv_group, kv_residual, kv_key_axis)
     if (prompt is None) == (prompt_file is None):
         raise KVSqueezeError("give exactly one of --prompt or --prompt-file")
@@ -229,6 +260,9 @@ def bench(
     context: Annotated[int, typer.Option("--context", help="prompt tokens per sequence")] = 4000,
     batch: Annotated[int, typer.Option("--batch", help="sequences decoded together")] = 1,
     new_tokens: Annotated[int, typer.Option("--new-tokens", help="decode steps timed")] = 32,
+    pooling: PoolingOption = None,
+    kernel: KernelOption = None,
+    ada_pool_kernel: AdaPoolKernelOption = 7,
     device: DeviceOption = Device.cpu,
     dtype: DtypeOption = Dtype.fp32,
     kv_bits: Annotated[
@@ -259,6 +293,7 @@ def bench(
         torch_dtype(dtype),
         policy_progress,
         quants,
+        _pooling(pooling, kernel, ada_pool_kernel),
     )
     if as_json:
         typer.echo(json.dumps([row.to_json() for row in rows]))
@@ -307,6 +342,9 @@ def evaluate(
     ] = None,
     window: WindowOption = 32,
     alpha: AlphaOption = 0.2,
+    pooling: PoolingOption = None,
+    kernel: KernelOption = None,
+    ada_pool_kernel: AdaPoolKernelOption = 7,
     dtype: DtypeOption = Dtype.fp32,
     device: DeviceOption = Device.cpu,
     kv_bits: KvBitsOption = 16,
@@ -341,6 +379,7 @@ def evaluate(
         data=data,
         window=window,
         alpha=alpha,
+        **_pooling(pooling, kernel, ada_pool_kernel),
         dtype=str(torch_dtype(dtype)).removeprefix("torch."),
         device=device.value,
         kv_bits=kv_bits,

@@ -40,6 +40,10 @@ class EvalConfig:
     window: int = setting(32)
     alpha: float = setting(0.2)
     group_reduce: str = setting("mean")
+    # How SnapKV-family scorers pool (None: each scorer's own) and Ada-KV's share pooling.
+    pooling: str | None = setting(None)
+    kernel: int | None = setting(None)
+    ada_pool_kernel: int = setting(7)
     dtype: str = setting("float32")
     # How kept K/V are stored (store/quantized_kv.py): 16 bits = as they are.
     kv_bits: int = setting(16)
@@ -81,7 +85,15 @@ class EvalConfig:
     def policy_grid(self) -> list[Policy]:
         """The full cache first (every sample's reference row), then each policy at
         each budget."""
-        common = {"window": self.window, "alpha": self.alpha, "group_reduce": self.group_reduce, "seed": self.seed}
+        common = {
+            "window": self.window,
+            "alpha": self.alpha,
+            "group_reduce": self.group_reduce,
+            "seed": self.seed,
+            "pooling": self.pooling,
+            "kernel": self.kernel,
+            "ada_pool_kernel": self.ada_pool_kernel,
+        }
         grid = [make_policy("full", **common)]
         for name in dict.fromkeys(self.policies):
             if name == "full":

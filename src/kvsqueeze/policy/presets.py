@@ -53,6 +53,8 @@ def make_policy(
         raise ValueError(f"unknown pooling {pooling!r}: use one of {', '.join(POOLS)}")
     if kernel is not None and (kernel < 1 or kernel % 2 == 0):
         raise ValueError(f"pooling kernel must be odd and >= 1 (it keeps the length), got {kernel}")
+    if ada_pool_kernel < 1 or ada_pool_kernel % 2 == 0:
+        raise ValueError(f"Ada-KV pooling kernel must be odd and >= 1, got {ada_pool_kernel}")
 
     ada = parsed.allocator == "ada"
     scorer_cls = SCORERS[parsed.scorer]
