@@ -6,9 +6,11 @@ cache of that prompt, an instruction to repeat the context and then the context 
 teacher-forced. The queries and keys every layer makes along the way are handed to the
 KVzip scorer (policy/score/kvzip.py) in each layer's ScoreInput; the scorer turns them
 into per-head scores. Long contexts are reconstructed in chunks of `chunk` tokens, one
-forward each over the prompt's cache (which is cut back after each), so memory grows
-with the chunk, not with the context: a later chunk's instruction names the last
-tokens before it, as KVzip's code does. The cost is about one more prefill.
+forward each over the prompt's cache (which is cut back after each), so a forward's
+activations and the scorer's softmax span a chunk, not the context (what is kept, each
+layer's copy queries and keys, is about the size of the prefill record itself); a
+later chunk's instruction names the last tokens before it, as KVzip's code does. The
+cost is about one more prefill.
 """
 
 from __future__ import annotations
