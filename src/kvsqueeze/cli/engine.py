@@ -76,7 +76,7 @@ def serve(
     from kvsqueeze.hf.models import check_device, model_folder
 
     check_device(device.value)
-    _policy(policy, keep, tokens, window, alpha)  # bad names and budgets fail before the model loads
+    _policy(policy, keep, tokens, window, alpha, {})  # bad names and budgets fail before the model loads
     parse_bytes(kv_memory)
     folder = model_folder(model)
     args = EngineArgs(
@@ -123,7 +123,7 @@ def bench_engine(
         raise KVSqueezeError("give either --keep or --tokens, not both")
     names = list(_policy_list(policies))
     for name in names:
-        _policy(name, keep, tokens, window, 0.2)
+        _policy(name, keep, tokens, window, 0.2, {})
     check_device(device.value)
     parse_bytes(kv_memory)
     console = Console(stderr=True)
