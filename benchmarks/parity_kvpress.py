@@ -68,6 +68,11 @@ class Method:
     press: dict
     ours: Callable[[int, Hyper], Policy]  # (tokens kept per head, hyperparameters) -> policy
     setting: str  # how the two were matched, for the table
+    against: str | None = None  # compare with another method's kvpress run instead of running a press
+
+    @property
+    def kvpress_name(self) -> str:
+        return self.against or self.name
 
 
 def _snapkv_like(name: str, n: int, h: Hyper, **options) -> Policy:
@@ -116,8 +121,16 @@ def methods(h: Hyper) -> list[Method]:
         Method(
             "ada-snapkv",
             {"press": "adakv-snapkv", "alpha": h.alpha, **snap},
-            lambda n, h: _snapkv_like("ada-snapkv", n, h, alpha=h.alpha, safeguard="kvpress"),
-            f"as snapkv; alpha {h.alpha}, kvpress's safeguard",
+            lambda n, h: _snapkv_like("ada-snapkv", n, h, alpha=h.alpha, safeguard="kvpress", ada_pool_kernel=1),
+            f"as snapkv; alpha {h.alpha}, kvpress's safeguard, shares on unpooled scores",
+        ),
+        Method(
+            "ada-snapkv (kvsqueeze defaults)",
+            {},
+            lambda n, h: make_policy("ada-snapkv", tokens=n, window=h.window, alpha=h.alpha),
+            f"window {h.window}, alpha {h.alpha}; Ada-KV paper's safeguard, GQA mean then pool, "
+            "shares on max-pooled scores (kernel 7); against kvpress's AdaKV(SnapKV)",
+            against="ada-snapkv",
         ),
         Method(
             "pyramidkv",
@@ -166,7 +179,7 @@ def run_kvpress(python: str, prompts: list[dict], job_methods: list[Method]) -> 
                 {
                     "model_dir": str(model_folder(MODEL)),
                     "samples": [{"prompt": p["prompt"], "target": p["target"]} for p in prompts],
-                    "methods": [{"name": m.name, **m.press} for m in job_methods],
+                    "methods": [{"name": m.name, **m.press} for m in job_methods if m.against is None],
                 }
             )
         )
@@ -207,6 +220,11 @@ def main() -> None:
     parser.add_argument("--kvpress-python", default="/tmp/kvpress-venv/bin/python")
     parser.add_argument("--out", type=Path, default=Path("docs/results/parity_kvpress"))
     parser.add_argument(
+        "--methods",
+        default="",
+        help="comma-separated subset to (re)run; rows of the others are kept from OUT/results.json",
+    )
+    parser.add_argument(
         "--from-results", action="store_true", help="only rewrite OUT/summary.md from OUT/results.json (and notes.md)"
     )
     args = parser.parse_args()
@@ -222,8 +240,16 @@ def main() -> None:
     torch.manual_seed(0)
     model, tokenizer = load_model(MODEL)
     prompts = needle_prompts(PromptFormat(tokenizer), args.length, args.samples, args.seed)
-    job_methods = methods(hyper)
-    theirs = run_kvpress(args.kvpress_python, prompts, job_methods)
+    everything = methods(hyper)
+    wanted = [m for m in args.methods.split(",") if m]
+    unknown = set(wanted) - {m.name for m in everything}
+    if unknown:
+        sys.exit(f"unknown methods {sorted(unknown)}: choose from {', '.join(m.name for m in everything)}")
+    job_methods = [m for m in everything if not wanted or m.name in wanted]
+    # A method compared against another's kvpress run needs that run too.
+    needed = {m.kvpress_name for m in job_methods}
+    peer_methods = [m for m in everything if m.against is None and m.name in needed]
+    theirs = run_kvpress(args.kvpress_python, prompts, peer_methods)
 
     from rich.progress import track
 
@@ -235,8 +261,8 @@ def main() -> None:
             records = {s: record_prefill(model, torch.tensor([prompt["prompt"]]))}
         policy = method.ours(kept_tokens(len(prompt["prompt"]), hyper.keep), hyper)
         kept, logprobs = run_ours(model, records[s], prompt["target"], policy)
-        their_kept = theirs[f"kept/{s}/{method.name}"]
-        their_logprobs = theirs[f"logprobs/{s}/{method.name}"]
+        their_kept = theirs[f"kept/{s}/{method.kvpress_name}"]
+        their_logprobs = theirs[f"logprobs/{s}/{method.kvpress_name}"]
         overlap = jaccard(kept, their_kept)
         per_sample.append(
             {
@@ -255,7 +281,7 @@ def main() -> None:
                 "logprob_kvpress": float(their_logprobs.mean()),
             }
         )
-    write_results(args.out, hyper, args, job_methods, per_sample)
+    write_results(args.out, hyper, args, everything, per_sample)
 
 
 def summarize(job_methods: list[Method], per_sample: list[dict]) -> list[dict]:
@@ -276,9 +302,9 @@ def summarize(job_methods: list[Method], per_sample: list[dict]) -> list[dict]:
     return rows
 
 
-def write_results(out: Path, hyper: Hyper, args: argparse.Namespace, job_methods: list[Method], per_sample) -> None:
-    rows = summarize(job_methods, per_sample)
-    out.mkdir(parents=True, exist_ok=True)
+def write_results(out: Path, hyper: Hyper, args: argparse.Namespace, everything: list[Method], per_sample) -> None:
+    """results.json and summary.md; rows of methods this run skipped are kept from an
+    earlier results.json of the same run settings."""
     run = {
         "model": MODEL,
         "length": args.length,
@@ -287,6 +313,15 @@ def write_results(out: Path, hyper: Hyper, args: argparse.Namespace, job_methods
         **dataclasses.asdict(hyper),
         "kvpress": "0.5.5",
     }
+    ran = {r["method"] for r in per_sample}
+    saved = out / "results.json"
+    if saved.is_file():
+        earlier = json.loads(saved.read_text())
+        if earlier["run"] == run:
+            per_sample = [r for r in earlier["per_sample"] if r["method"] not in ran] + per_sample
+    present = {r["method"] for r in per_sample}
+    rows = summarize([m for m in everything if m.name in present], per_sample)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({"run": run, "summary": rows, "per_sample": per_sample}, indent=1))
     write_summary(out, run, rows)
 
