@@ -11,7 +11,7 @@ import torch
 from kvsqueeze.engine.llm import LLM
 from kvsqueeze.engine.sampling_params import SamplingParams
 from kvsqueeze.hf import KVSqueezeCache
-from kvsqueeze.hf.tiny import byte_tokenizer, tiny_model
+from kvsqueeze.hf.tiny import save_folder, spread_weights, tiny_model
 from kvsqueeze.policy import make_policy
 
 KEEP, WINDOW, CHUNK = 0.25, 4, 32
@@ -21,12 +21,9 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     model = tiny_model("llama", max_positions=512, seed=3)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(1.0 if "norm" in name else 0.0, 0.1 if "norm" in name else 0.15)
+    spread_weights(model)
     path = tmp_path_factory.mktemp("chunks")
-    model.save_pretrained(path)
-    byte_tokenizer().save_pretrained(path)
+    save_folder(model, path)
     return model, path
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kvsqueeze.engine import AttentionBatch, ModelConfig, ModelRunner
-from kvsqueeze.hf.tiny import TINY_ARCHITECTURES, byte_tokenizer
+from kvsqueeze.hf.tiny import TINY_ARCHITECTURES, save_folder, spread_weights
 
 ATOL = 1e-4
 ARCHS = list(TINY_ARCHITECTURES)
@@ -30,23 +30,15 @@ def build_model(arch: str, seed: int = 0, **overrides):
     config = config_cls(**{**fields, **overrides})
     torch.manual_seed(seed)
     model = model_cls(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(1.0 if "norm" in name else 0.0, 0.1 if "norm" in name else 0.15)
+    spread_weights(model)
     return model
-
-
-def save(model, path):
-    model.save_pretrained(path)
-    byte_tokenizer().save_pretrained(path)
-    return path
 
 
 @pytest.fixture(params=ARCHS)
 def pair(request, tmp_path):
     """(transformers model, our runner) over the same folder, fp32."""
     model = build_model(request.param)
-    return model, ModelRunner(save(model, tmp_path), dtype="fp32")
+    return model, ModelRunner(save_folder(model, tmp_path), dtype="fp32")
 
 
 def hf_logits(model, ids: list[int]) -> torch.Tensor:
@@ -113,7 +105,7 @@ def test_finished_sequence_is_freed_and_its_id_reusable(pair):
 @pytest.mark.parametrize("chunks", [[30], [11, 19], [5, 9, 16]])
 def test_mistral_sliding_window_with_prompts_longer_than_the_window(tmp_path, chunks):
     model = build_model("mistral", sliding_window=8)
-    runner = ModelRunner(save(model, tmp_path), dtype="fp32")
+    runner = ModelRunner(save_folder(model, tmp_path), dtype="fp32")
     assert runner.config.sliding_windows == (8, 8, 8)
     ids, other = prompts([sum(chunks) + 6, 13])
     ref, ref_other = hf_logits(model, ids), hf_logits(model, other)
@@ -142,7 +134,7 @@ def test_qwen2_bias_llama3_rope_and_tied_embeddings(tmp_path):
         "llama": build_model("llama", attention_bias=True, rope_parameters=rope, tie_word_embeddings=True),
     }
     for arch, model in cases.items():
-        folder = save(model, tmp_path / arch)
+        folder = save_folder(model, tmp_path / arch)
         runner = ModelRunner(folder, dtype="fp32")
         assert runner.model.layers[0].qkv_bias is not None
         seqs = prompts([80, 45])
@@ -179,7 +171,7 @@ def test_sharded_checkpoint_loads(tmp_path):
 
 def test_bf16_checkpoint_stores_bf16_kv_and_stays_close(tmp_path):
     model = build_model("llama")
-    runner = ModelRunner(save(model, tmp_path), dtype="bf16")
+    runner = ModelRunner(save_folder(model, tmp_path), dtype="bf16")
     (ids,) = prompts([24])
     logits = runner.run(AttentionBatch.build([0], [ids], [0]))
     assert runner.backend.kv[0][0][0].dtype == torch.bfloat16

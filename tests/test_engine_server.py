@@ -15,14 +15,13 @@ import time
 import httpx
 import openai
 import pytest
-import torch
 import uvicorn
 
 from kvsqueeze.engine.async_engine import AsyncLLMEngine
 from kvsqueeze.engine.llm_engine import EngineArgs, LLMEngine
 from kvsqueeze.engine.sampling_params import SamplingParams
 from kvsqueeze.engine.server import build_app
-from kvsqueeze.hf.tiny import byte_tokenizer, tiny_model
+from kvsqueeze.hf.tiny import save_folder, spread_weights, tiny_model
 from kvsqueeze.policy import make_policy
 
 KEY = "sk-test"
@@ -58,12 +57,9 @@ class Served:
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     model = tiny_model("llama", max_positions=1024, seed=4)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(1.0 if "norm" in name else 0.0, 0.1 if "norm" in name else 0.15)
+    spread_weights(model)
     path = tmp_path_factory.mktemp("served")
-    model.save_pretrained(path)
-    byte_tokenizer().save_pretrained(path)
+    save_folder(model, path)
     return path
 
 

@@ -10,7 +10,7 @@ import torch
 from kvsqueeze.engine.llm import LLM
 from kvsqueeze.engine.sampling_params import SamplingParams
 from kvsqueeze.hf import KVSqueezeCache
-from kvsqueeze.hf.tiny import byte_tokenizer, tiny_model
+from kvsqueeze.hf.tiny import save_folder, spread_weights, tiny_model
 from kvsqueeze.policy import make_policy
 from kvsqueeze.swiftkv import convert
 
@@ -20,16 +20,13 @@ LAYERS, KV_LAYER, WINDOW, KEEP, NEW = 6, 3, 4, 0.3, 6
 @pytest.fixture(scope="module", params=[1, 2])
 def saved(request, tmp_path_factory):
     llama = tiny_model("llama", num_layers=LAYERS, max_positions=512, seed=3)
-    with torch.no_grad():  # attention far from uniform, so eviction shows in the tokens
-        for name, p in llama.named_parameters():
-            p.normal_(1.0 if "norm" in name else 0.0, 0.1 if "norm" in name else 0.15)
+    spread_weights(llama)
     swift = convert(llama, kv_layer=KV_LAYER, across_group=request.param)
     with torch.no_grad():  # SwiftKV weights off their initial values, as after distillation
         for p in swift.model.swiftkv.parameters():
             p.add_(0.05 * torch.randn_like(p))
     path = tmp_path_factory.mktemp(f"swift{request.param}")
-    swift.save_pretrained(path)
-    byte_tokenizer().save_pretrained(path)
+    save_folder(swift, path)
     return swift, path, request.param
 
 

@@ -27,6 +27,7 @@ from kvsqueeze.cli.app import (
     one_line_errors,
     require_extra,
 )
+from kvsqueeze.engine.sequence import check_engine_policy
 from kvsqueeze.errors import KVSqueezeError
 
 KvMemoryOption = Annotated[str, typer.Option("--kv-memory", help="KV block pool size, e.g. 1GiB, 512MiB")]
@@ -76,7 +77,8 @@ def serve(
     from kvsqueeze.hf.models import check_device, model_folder
 
     check_device(device.value)
-    _policy(policy, keep, tokens, window, alpha, {})  # bad names and budgets fail before the model loads
+    # Bad names and budgets, and policies the engine cannot run, fail before the model loads.
+    check_engine_policy(_policy(policy, keep, tokens, window, alpha, {}))
     parse_bytes(kv_memory)
     folder = model_folder(model)
     args = EngineArgs(
@@ -123,7 +125,7 @@ def bench_engine(
         raise KVSqueezeError("give either --keep or --tokens, not both")
     names = list(_policy_list(policies))
     for name in names:
-        _policy(name, keep, tokens, window, 0.2, {})
+        check_engine_policy(_policy(name, keep, tokens, window, 0.2, {}))
     check_device(device.value)
     parse_bytes(kv_memory)
     console = Console(stderr=True)

@@ -7,6 +7,7 @@ every cap/8 steps rather than at every step. The policy sees each kv-head as its
 sequence: the head's entries are right-aligned (left padding, as policies expect),
 the recent queries stand at the last positions, the budget is a token count and the
 layer schedule is flat. Window and sinks stay protected as after the prefill.
+Per-chunk prompt compression (kv_cache.py) cuts heads the same way, to the budget.
 """
 
 from __future__ import annotations
@@ -18,20 +19,6 @@ import torch
 from kvsqueeze.policy import Budget, Policy, ScoreInput
 from kvsqueeze.policy.schedule import FlatSchedule
 from kvsqueeze.store import PagedKV
-
-
-def evict_over_cap(
-    policy: Policy,
-    layer_idx: int,
-    num_layers: int,
-    store: PagedKV,
-    recent: torch.Tensor,
-    cap: int,
-    scaling: float,
-) -> bool:
-    """Evict every head of `store` holding more than `cap` entries down to 7/8 of cap.
-    recent [q_heads, w, d] are the last w queries. Returns whether anything was evicted."""
-    return evict_heads(policy, layer_idx, num_layers, store, recent, cap, cap - cap // 8, scaling)
 
 
 def evict_heads(

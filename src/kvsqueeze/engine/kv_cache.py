@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from kvsqueeze.engine.block_manager import BlockManager
-from kvsqueeze.engine.decode_eviction import evict_heads, evict_over_cap
+from kvsqueeze.engine.decode_eviction import evict_heads
 from kvsqueeze.engine.scheduler import ScheduledChunk
 from kvsqueeze.ops import dense_causal_attention, policy_scores
 from kvsqueeze.ops.padded_attention import padded_attention
@@ -125,9 +125,8 @@ class PagedCompressedCache:
         if key in self._recent:
             recent = torch.cat([self._recent[key], recent], dim=1)
         self._recent[key] = recent[:, -seq.policy.window :]
-        evict_over_cap(
-            seq.policy, layer_idx, self.num_layers, store, self._recent[key], seq.max_kv_tokens, self.scaling
-        )
+        cap = seq.max_kv_tokens  # cut to 7/8 of the cap: eviction runs once every cap/8 steps
+        evict_heads(seq.policy, layer_idx, self.num_layers, store, self._recent[key], cap, cap - cap // 8, self.scaling)
 
     def _chunk(
         self,

@@ -21,7 +21,7 @@ from kvsqueeze.engine.output import CompletionOutput, RequestOutput
 from kvsqueeze.engine.sampler import sample
 from kvsqueeze.engine.sampling_params import SamplingParams
 from kvsqueeze.engine.scheduler import ScheduledChunk, Scheduler
-from kvsqueeze.engine.sequence import Sequence
+from kvsqueeze.engine.sequence import Sequence, check_engine_policy
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.policy import Policy, make_policy
 
@@ -93,6 +93,7 @@ class LLMEngine:
         )
         self.scheduler = Scheduler(self.blocks, args.max_num_seqs, args.max_num_batched_tokens)
         self.default_policy = make_policy(args.policy, args.keep, args.tokens, window=args.window, alpha=args.alpha)
+        check_engine_policy(self.default_policy)
         self.metrics = EngineMetrics()
         self.seqs: dict[int, Sequence] = {}
         self.eos_token_ids = set(cfg.eos_token_ids) | set(self.tokenizer.eos_token_ids)

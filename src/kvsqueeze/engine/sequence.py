@@ -16,6 +16,21 @@ from kvsqueeze.policy.budget import MAX_TOKENS
 _ids = itertools.count()
 
 
+def check_engine_policy(policy: Policy) -> None:
+    """Refuse, before anything runs, a policy the engine cannot apply: it compresses one
+    layer at a time from the prompt's own queries."""
+    if policy.across_layers:
+        raise ValueError(
+            f"{policy.name} ranks all layers at once; the engine compresses layer by layer: "
+            "use it through `kvsqueeze generate` or `eval`, or serve a per-layer policy"
+        )
+    if getattr(policy.scorer, "needs_reconstruction", False):
+        raise ValueError(
+            f"{policy.name} scores keys with a context-reconstruction pass the engine does not run: "
+            "use it through `kvsqueeze generate` or `eval`"
+        )
+
+
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -57,6 +72,7 @@ class Sequence:
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:
             raise ValueError("empty prompt: a request needs at least one token")
+        check_engine_policy(self.policy)
         if self.prefix_len:
             if not 0 < self.prefix_len < len(self.prompt_token_ids):
                 raise ValueError(

@@ -3,6 +3,8 @@ with a byte-level tokenizer so that text goes in and out like with a real model.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
@@ -27,6 +29,22 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant: {% endif %}"
 )
+
+
+def spread_weights(model: PreTrainedModel) -> PreTrainedModel:
+    """Redraw the weights wider than HF's init (norms near 1): attention is then far from
+    uniform, so a wrong mask, position or eviction shows in the tokens."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(1.0 if "norm" in name else 0.0, 0.1 if "norm" in name else 0.15)
+    return model
+
+
+def save_folder(model: PreTrainedModel, path: Path) -> Path:
+    """The model and the byte tokenizer as a Hugging Face folder (what the engine loads)."""
+    model.save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return path
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:

@@ -60,6 +60,7 @@ class KVzipScorer:
     query_block: int = 512
     name: str = "kvzip"
     observes_queries: ClassVar[bool] = False  # it observes the reconstruction's queries, not the prompt's
+    needs_reconstruction: ClassVar[bool] = True  # paths that run no reconstruction refuse it up front
 
     def __post_init__(self) -> None:
         if self.sinks < 0 or self.query_block < 1:
