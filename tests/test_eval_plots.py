@@ -1,7 +1,7 @@
 """What the plots are drawn from: fixed axes, equal lines kept apart, values in the
 heatmap cells, and the Ada head-budget case and its ticks."""
 
-from kvsqueeze.eval.config import OLD_ROW_SETTINGS
+from kvsqueeze.eval.config import DEFAULT_SETTINGS
 from kvsqueeze.eval.plots import (
     head_budget_row,
     head_budgets_figure,
@@ -14,7 +14,7 @@ from kvsqueeze.eval.plots import (
 
 def row(policy: str, score: float, keep: float = 0.2, **changes) -> dict:
     base = {
-        **OLD_ROW_SETTINGS,
+        **DEFAULT_SETTINGS,
         "model": "tiny-random-llama",
         "task": "needle",
         "sample": 0,

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from kvsqueeze.eval.config import OLD_ROW_SETTINGS
+from kvsqueeze.eval.config import DEFAULT_SETTINGS
 from kvsqueeze.eval.report import summary_markdown
 from kvsqueeze.eval.results import read_rows
 
@@ -14,7 +14,7 @@ OLD_RESULTS = Path(__file__).parent.parent / "docs" / "results" / "smollm2-135m"
 
 def row(policy: str = "snapkv", score: float = 1.0, **changes) -> dict:
     base = {
-        **OLD_ROW_SETTINGS,
+        **DEFAULT_SETTINGS,
         "model": "tiny-random-llama",
         "task": "needle",
         "sample": 0,
@@ -68,7 +68,7 @@ def test_rows_of_other_settings_are_separate_named_sections(name, value):
     changed = {name: value}
     rows = [row("full", 1.0), row("snapkv", 1.0), row("full", 0.0, **changed), row("snapkv", 0.0, **changed)]
     summary = summary_markdown(rows)
-    old, new = f"{name}={OLD_ROW_SETTINGS[name]}", f"{name}={value}"
+    old, new = f"{name}={DEFAULT_SETTINGS[name]}", f"{name}={value}"
     assert f"Sections differ in {name}" in summary
     sections = {s.splitlines()[0]: s for s in summary.split("\n## ")[1:]}
     assert set(sections) == {f"needle — question-aware — {old}", f"needle — question-aware — {new}"}
@@ -83,5 +83,8 @@ def test_old_results_file_loads_with_the_old_defaults():
     assert {(r["window"], r["alpha"], r["dtype"], r["group_reduce"]) for r in rows} == {(32, 0.2, "float32", "mean")}
     summary = summary_markdown(rows)
     assert summary.startswith("# kvsqueeze eval — smollm2-135m")
-    assert "Settings: seed=0, data=None, window=32, alpha=0.2, group_reduce=mean, dtype=float32." in summary
+    assert (
+        "Settings: seed=0, data=None, window=32, alpha=0.2, group_reduce=mean, pooling=max, kernel=7, "
+        "ada_pool_kernel=1, dtype=float32, kv_bits=16, kv_group=32, kv_residual=128, kv_key_axis=channel."
+    ) in summary
     assert "Sections differ" not in summary

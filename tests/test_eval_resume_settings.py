@@ -12,7 +12,7 @@ import kvsqueeze.eval.unit as unit_module
 from kvsqueeze.cli import main
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.eval.atomic import replacing
-from kvsqueeze.eval.config import OLD_ROW_SETTINGS, SETTINGS, EvalConfig
+from kvsqueeze.eval.config import DEFAULT_SETTINGS, SETTINGS, EvalConfig
 from kvsqueeze.eval.results import read_rows, row_key
 from kvsqueeze.eval.runner import plan, run_eval
 
@@ -60,7 +60,7 @@ def test_rows_record_every_setting(first_run):
     _, rows = first_run
     assert set(CHANGED) == set(SETTINGS)
     for row in rows:
-        assert {name: row[name] for name in SETTINGS} == {**OLD_ROW_SETTINGS, "model": "tiny-random-llama"}
+        assert {name: row[name] for name in SETTINGS} == {**DEFAULT_SETTINGS, "model": "tiny-random-llama"}
 
 
 @pytest.mark.parametrize("name", CHANGED)

@@ -18,8 +18,8 @@ def setting(default: object = MISSING) -> object:
     """A config field that changes a row's values: every row records it and it is part
     of the row's resume key, so a run with another value adds rows instead of reusing
     these, and reports never average across values. Its default is also the value
-    assumed for rows written before the field was recorded, so a new setting's
-    default must be what earlier runs did."""
+    assumed for rows written before the field was recorded, unless OLD_ROW_SETTINGS
+    says what earlier runs did instead."""
     return field(default=default, metadata={_SETTING: True})
 
 
@@ -104,9 +104,17 @@ class EvalConfig:
 
 
 SETTINGS: tuple[str, ...] = tuple(f.name for f in fields(EvalConfig) if f.metadata.get(_SETTING))
-# What a row without a setting's field (written before it was recorded) was run with.
-OLD_ROW_SETTINGS: dict = {
+# What a row without a setting's field (written before it was recorded) was run with: the
+# defaults, except where a default changed when the setting was added. Before the pooling
+# settings, SnapKV-family scorers max-pooled with kernel 7 and Ada-KV ranked unpooled scores.
+DEFAULT_SETTINGS: dict = {
     f.name: f.default for f in fields(EvalConfig) if f.metadata.get(_SETTING) and f.default is not MISSING
+}
+OLD_ROW_SETTINGS: dict = {
+    **DEFAULT_SETTINGS,
+    "pooling": "max",
+    "kernel": 7,
+    "ada_pool_kernel": 1,
 }
 
 
