@@ -55,7 +55,11 @@ def test_keep_all_equals_plain_generation(swift_models, group):
     assert torch.equal(out, plain)
 
 
-@pytest.mark.parametrize("name", [n for n in policy_names() if n != "full"])
+# kvzip scores by a context reconstruction that generate() alone does not run (kvsqueeze.hf.kvzip).
+GENERATE_POLICIES = [n for n in policy_names() if n != "full" and "kvzip" not in n]
+
+
+@pytest.mark.parametrize("name", GENERATE_POLICIES)
 def test_every_policy_evicts_and_a_shared_layer_is_stored_once(swift_models, name):
     ids = prompt()
     model = swift_models[2]  # leaders 3 and 5: layer 4 reads layer 3's entry
