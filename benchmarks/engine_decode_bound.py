@@ -31,7 +31,8 @@ def decode_row(args: argparse.Namespace, policy: str, bandwidth: float) -> dict:
             dtype=args.dtype, max_num_batched_tokens=args.prompt_len,
         )
     )  # fmt: skip
-    params = SamplingParams(temperature=0.0, max_tokens=args.steps + 3, ignore_eos=True)
+    # Long enough that no sequence finishes while the later ones still prefill (one prompt per step).
+    params = SamplingParams(temperature=0.0, max_tokens=2 * args.batch + args.steps + 8, ignore_eos=True)
     seqs = [engine.add_request(p, params) for p in essay_prompts(engine.tokenizer, args.batch, args.prompt_len)]
     while any(s.in_prefill for s in seqs) or not all(s.output_token_ids for s in seqs):
         engine.step()
