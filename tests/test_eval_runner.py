@@ -17,7 +17,8 @@ from kvsqueeze.eval.runner import run_eval
 DATA = Path(__file__).parent / "data" / "longbench_sample.jsonl"
 ROW_FIELDS = {
     "model", "task", "sample", "length", "depth", "question_agnostic", "seed", "data", "window", "alpha",
-    "group_reduce", "dtype", "kv_bits", "kv_group", "kv_residual", "kv_key_axis", "policy", "keep", "tokens",
+    "group_reduce", "pooling", "kernel", "ada_pool_kernel", "dtype", "kv_bits", "kv_group", "kv_residual",
+    "kv_key_axis", "policy", "keep", "tokens",
     "score", "answer_logprob", "prediction", "prompt_tokens", "kv_bytes_stored", "kv_bytes_full",
     "prefill_seconds", "kept_tokens_per_head",
 }  # fmt: skip

@@ -18,6 +18,7 @@ from kvsqueeze.data.haystack import build_haystack
 from kvsqueeze.hf import KVSqueezeCache
 from kvsqueeze.hf import models as hf_models
 from kvsqueeze.hf.generate import generate
+from kvsqueeze.hf.kvzip import needs_reconstruction
 from kvsqueeze.hf.models import cache_dir, load_model
 from kvsqueeze.policy import make_policy, policy_names
 
@@ -135,7 +136,11 @@ def test_capital_of_france(smollm2):
 # ----------------------------------------------------------------------------- memory
 
 
-@pytest.mark.parametrize("policy", policy_names())
+# kvzip scores by a context reconstruction the model runs (hf/kvzip.py): not a direct keep_mask.
+DIRECT = [n for n in policy_names() if not needs_reconstruction(make_policy(n))]
+
+
+@pytest.mark.parametrize("policy", DIRECT)
 def test_stored_bytes_follow_the_keep_ratio(smollm2, prompt_ids, prefill_stats, policy):
     model, _ = smollm2
     stored, full, tokens = prefill_stats(policy)
@@ -152,7 +157,7 @@ def test_stored_bytes_follow_the_keep_ratio(smollm2, prompt_ids, prefill_stats, 
         assert stored <= 0.27 * full, f"{policy} stores {stored / full:.1%} of the full cache at keep {KEEP}"
 
 
-@pytest.mark.parametrize("ada", [name for name in policy_names() if name.startswith("ada-")])
+@pytest.mark.parametrize("ada", [name for name in DIRECT if name.startswith("ada-")])
 def test_per_head_policies_store_as_much_as_their_uniform_twins(prefill_stats, ada):
     uniform = ada.removeprefix("ada-")
     ada_stored, ada_full, _ = prefill_stats(ada)

@@ -141,6 +141,14 @@ class KVSqueezeCache(Cache):
     `kv_key_axis="token"` is the naive per-token baseline. 16 stores them unquantized.
     """
 
+    @classmethod
+    def storing(cls, model: PreTrainedModel | PreTrainedConfig, policy: Policy, quant: KVQuantConfig) -> KVSqueezeCache:
+        """A cache whose kept entries are stored as `quant` says."""
+        return cls(
+            model, policy, kv_bits=quant.bits, kv_group=quant.group, kv_residual=quant.residual,
+            kv_key_axis=quant.key_axis,
+        )  # fmt: skip
+
     def __init__(
         self,
         model: PreTrainedModel | PreTrainedConfig,

@@ -79,14 +79,7 @@ def generate(
             record = reconstruct(model, tokenizer, record_prefill(model, prompt[:, :split]), context_ids, chat)
             cache, last = record.cache(model, policy, quant), record.last_logits
         else:
-            cache = KVSqueezeCache(
-                model,
-                policy,
-                kv_bits=quant.bits,
-                kv_group=quant.group,
-                kv_residual=quant.residual,
-                kv_key_axis=quant.key_axis,
-            )
+            cache = KVSqueezeCache.storing(model, policy, quant)
             last = model(prompt[:, :split], past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
         if split < prompt_len:  # question-agnostic: the question reaches the compressed cache
             last = model(prompt[:, split:], past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]

@@ -28,7 +28,7 @@ from kvsqueeze.hf.cache import use_kvsqueeze_attention
 from kvsqueeze.hf.prefill import PrefillRecord
 from kvsqueeze.hf.prompt import encode_prompt
 from kvsqueeze.policy import Policy
-from kvsqueeze.policy.score import KVzipScorer, ReconstructionChunk
+from kvsqueeze.policy.score import ReconstructionChunk
 
 REPEAT = "Repeat the previous context exactly."
 REPEAT_FROM = "Repeat the part of the previous context exactly, starting with"
@@ -41,7 +41,7 @@ MARK = "\u2063kvzip context\u2063"
 
 def needs_reconstruction(policy: Policy) -> bool:
     """Whether this policy scores by context reconstruction."""
-    return isinstance(policy.scorer, KVzipScorer) and policy.compresses
+    return getattr(policy.scorer, "needs_reconstruction", False) and policy.compresses
 
 
 def records_by_policy(

@@ -36,15 +36,7 @@ class PrefillRecord:
     def cache(self, model: PreTrainedModel, policy: Policy, quant: KVQuantConfig | None = None) -> KVSqueezeCache:
         """A cache holding this prompt compressed by `policy`, ready to decode; `quant`
         says how it stores the kept entries (None: unquantized)."""
-        quant = quant or KVQuantConfig()
-        cache = KVSqueezeCache(
-            model,
-            policy,
-            kv_bits=quant.bits,
-            kv_group=quant.group,
-            kv_residual=quant.residual,
-            kv_key_axis=quant.key_axis,
-        )
+        cache = KVSqueezeCache.storing(model, policy, quant or KVQuantConfig())
         for layer, prefill in zip(cache.layers, self.layers, strict=True):
             if prefill is None:
                 continue
