@@ -86,8 +86,7 @@ class PagedCompressedCache:
             n, seq = chunk.num_tokens, chunk.seq
             m = n if query_lens is None else query_lens[i]
             store = self.blocks.layer(seq.seq_id, entry)
-            scored = writes and chunk.start < seq.compress_at and seq.policy.compresses  # its queries feed the policy
-            if n == 1 and store is not None and not scored:
+            if n == 1 and store is not None and not (writes and chunk.scored):
                 decode.append((offset, q_offset, store, chunk))
             else:
                 span, q_span = slice(offset, offset + n), slice(q_offset, q_offset + m)
@@ -146,32 +145,33 @@ class PagedCompressedCache:
         keys, values = k.transpose(0, 1), v.transpose(0, 1)  # [hkv, n, d]
         window = self.sliding_windows[layer_idx]
         queries = q.transpose(0, 1)  # [hq, m, d]
-        if store is None and m == n:  # the first chunk: plain causal attention over itself
+        first = store is None
+        if first:
             store = self.blocks.join(chunk.seq.seq_id, self.kv_entries[layer_idx], keys, values, positions)
+        elif writes:
+            store.append(keys, values, positions)
+        if first and m == n:  # the first chunk, every query: plain causal attention over itself
             out = dense_causal_attention(queries[None], keys[None], values[None], None, self.scaling, window)[0]
         else:
-            if store is None:
-                store = self.blocks.join(chunk.seq.seq_id, self.kv_entries[layer_idx], keys, values, positions)
-            elif writes:
-                store.append(keys, values, positions)
             slots, live = store.live_slots()
             grouped = queries.reshape(hkv, hq // hkv, m, d)
             q_pos = positions[n - m :].expand(hkv, m)
             out = _gathered_attention(grouped, store.pool, slots, live, q_pos, self.scaling, window).reshape(hq, m, d)
-        if not writes:
+        recomputed = chunk.start >= chunk.seq.num_prompt_tokens  # a recomputed sequence's generated tokens
+        if not writes or not (chunk.scored or recomputed):
             return out.transpose(0, 1)
         if m < n:  # prompt queries the layer did not run (SwiftKV) observe nothing: zeros
             q = torch.cat([q.new_zeros(n - m, hq, d), q])
-        if chunk.start < chunk.seq.compress_at and chunk.seq.policy.compresses and self.compress_chunks:
+        if chunk.scored and self.compress_chunks:
             self._later(self._compress_chunk, layer_idx, chunk, store, q)
-        elif chunk.start < chunk.seq.compress_at and chunk.seq.policy.compresses:
+        elif chunk.scored:
             key = (chunk.seq.seq_id, layer_idx)
             self._prompt_queries.setdefault(key, []).append(q)
             if chunk.compresses:
                 queries = torch.cat(self._prompt_queries.pop(key))
                 self._later(self._compress, layer_idx, chunk, store, queries)
                 self._later(self._bound, layer_idx, chunk, store, queries)
-        elif chunk.start >= chunk.seq.num_prompt_tokens:  # a recomputed sequence's generated tokens
+        else:
             self._later(self._bound, layer_idx, chunk, store, q)
         return out.transpose(0, 1)
 

@@ -212,11 +212,8 @@ class LLMEngine:
         from, or a mid-prompt chunk's last: cheap, and the forward gives every sequence a
         row), or the policy's window when the policy compresses after this chunk, scoring
         with its last queries."""
-        seq = chunk.seq
-        scored = seq.policy.compresses and (
-            chunk.compresses or (self.args.compress_chunks and chunk.start < seq.compress_at)
-        )
-        return min(chunk.num_tokens, seq.policy.window) if scored else 1
+        observed = chunk.scored and (chunk.compresses or self.args.compress_chunks)
+        return min(chunk.num_tokens, chunk.seq.policy.window) if observed else 1
 
     def _advance(self, seq: Sequence, token: int, now: float) -> RequestOutput:
         """Append a sampled token; finish the sequence if it is done."""

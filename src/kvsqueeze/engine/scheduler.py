@@ -42,6 +42,11 @@ class ScheduledChunk:
         return self.start < self.seq.num_prompt_tokens <= self.end
 
     @property
+    def scored(self) -> bool:
+        """The chunk lies in what the policy compresses: its queries feed the scorer."""
+        return self.start < self.seq.compress_at and self.seq.policy.compresses
+
+    @property
     def compresses(self) -> bool:
         """The chunk completes what the policy compresses (the prompt, or its shared prefix)."""
         return self.start < self.seq.compress_at <= self.end
