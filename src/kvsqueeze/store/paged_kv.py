@@ -83,6 +83,16 @@ class PagedKV(KVStore):
         return self._device_table
 
     @property
+    def host_table(self) -> torch.Tensor:
+        """The block table on the host, [heads, width] int32 (-1 past a head's blocks)."""
+        return self._table
+
+    @property
+    def host_lengths(self) -> torch.Tensor:
+        """Live entries per head on the host, [heads] int64."""
+        return self._host_lengths
+
+    @property
     def num_blocks(self) -> torch.Tensor:
         """Blocks each head owns, [heads] (host)."""
         return self._num_blocks

@@ -1,0 +1,104 @@
+"""The CPU paged decode kernel (ops/csrc/paged_decode.cpp) against the torch reference:
+the padded gather + SDPA over the same stores (padded_attention), for every dtype
+pair, head dims with and without the AVX2 path, empty heads, sliding windows,
+entries newer than the query, and blocks scattered by eviction."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvsqueeze.ops import cpu_paged_decode
+from kvsqueeze.ops.cpu_paged_decode import cpu_kernel_available, paged_decode_cpu
+from kvsqueeze.ops.padded_attention import padded_attention
+from kvsqueeze.store import BlockPool, PagedKV
+from kvsqueeze.store.paged_kv import step_slots
+
+pytestmark = pytest.mark.skipif(not cpu_kernel_available(), reason="the C++ kernel cannot be built here")
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+
+
+def reference(query: torch.Tensor, stores: list[PagedKV], positions: list[int], scaling: float, window: int | None):
+    """padded_attention over every store's heads, gathered (what the engine ran before the kernel)."""
+    r, hkv, g, d = query.shape
+    pool = stores[0].pool
+    slots, live = step_slots(stores)
+    keys, values = pool.keys.view(-1, d)[slots].float(), pool.values.view(-1, d)[slots].float()
+    kpos = pool.positions.view(-1)[slots]
+    q_pos = torch.tensor(positions).repeat_interleave(hkv)[:, None]
+    out = padded_attention(query.float().reshape(r * hkv, g, 1, d), keys, values, kpos, live, q_pos, scaling, window)
+    return out.view(r, hkv, g, d)
+
+
+def make_stores(pool: BlockPool, lengths: list[int], heads: int, seed: int) -> list[PagedKV]:
+    """Stores of `heads` kv heads, each keeping a random ~60% of `length` entries."""
+    gen = torch.Generator().manual_seed(seed)
+    stores = []
+    for n in lengths:
+        k = torch.randn(heads, n, pool.head_dim, generator=gen)
+        v = torch.randn(heads, n, pool.head_dim, generator=gen)
+        keep = torch.rand(heads, n, generator=gen) < 0.6
+        stores.append(PagedKV.from_dense(pool, k, v, keep))
+    return stores
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("q_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 128, 24])
+def test_kernel_matches_the_padded_reference(kv_dtype, q_dtype, head_dim):
+    pool = BlockPool(512, head_dim, dtype=kv_dtype)
+    stores = make_stores(pool, [5, 40, 77, 130], heads=2, seed=head_dim)
+    query = torch.randn(4, 2, 3, head_dim).to(q_dtype)
+    positions = [500] * 4
+    out = paged_decode_cpu(query, stores, positions, 0.3, None, masked=False)
+    assert out.dtype == q_dtype and out.shape == query.shape
+    tol = max(TOL[kv_dtype], TOL[q_dtype])  # the output is rounded to the query's dtype
+    torch.testing.assert_close(out.float(), reference(query, stores, positions, 0.3, None), atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("window", [None, 7, 30])
+def test_positions_after_the_query_and_outside_the_window_are_masked(window):
+    pool = BlockPool(256, 64, dtype=torch.bfloat16)
+    stores = make_stores(pool, [60, 90], heads=3, seed=1)
+    query = torch.randn(2, 3, 2, 64)
+    positions = [40, 70]  # each store holds entries after its query too
+    out = paged_decode_cpu(query, stores, positions, 0.125, window, masked=True)
+    torch.testing.assert_close(out, reference(query, stores, positions, 0.125, window), atol=2e-2, rtol=0)
+
+
+def test_a_query_that_sees_nothing_gets_zeros():
+    pool = BlockPool(64, 64, dtype=torch.bfloat16)
+    empty = PagedKV.from_dense(pool, torch.randn(2, 4, 64), torch.randn(2, 4, 64), torch.zeros(2, 4, dtype=torch.bool))
+    later = PagedKV.from_dense(pool, torch.randn(2, 20, 64), torch.randn(2, 20, 64), None, torch.arange(100, 120))
+    out = paged_decode_cpu(torch.randn(2, 2, 3, 64), [empty, later], [50, 50], 0.125, None, masked=True)
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+def test_scattered_blocks_after_eviction_and_appends():
+    """Eviction packs heads into their leading blocks and frees the rest; later heads
+    take freed blocks out of order: the kernel follows each head's own table."""
+    pool = BlockPool(400, 64, dtype=torch.bfloat16)
+    stores = make_stores(pool, [300, 200, 250], heads=3, seed=2)
+    gen = torch.Generator().manual_seed(3)
+    for kv in stores[:2]:
+        kv.evict(torch.rand(kv.num_heads, int(kv.lengths.max()), generator=gen) < 0.3)
+    stores += make_stores(pool, [180], heads=3, seed=4)
+    for kv in stores:
+        kv.append(torch.randn(3, 5, 64), torch.randn(3, 5, 64), torch.arange(400, 405))
+    query = torch.randn(4, 3, 3, 64)
+    out = paged_decode_cpu(query, stores, [405] * 4, 0.125, None, masked=False)
+    torch.testing.assert_close(out, reference(query, stores, [405] * 4, 0.125, None), atol=2e-2, rtol=0)
+
+
+def test_switched_off_by_the_environment(monkeypatch):
+    monkeypatch.setenv("KVSQUEEZE_CPU_KERNEL", "0")
+    cpu_paged_decode._extension.cache_clear()
+    try:
+        assert not cpu_kernel_available()
+        with pytest.raises(RuntimeError, match="not available"):
+            paged_decode_cpu(torch.zeros(1, 1, 1, 64), [], [0], 1.0)
+    finally:
+        monkeypatch.delenv("KVSQUEEZE_CPU_KERNEL")
+        cpu_paged_decode._extension.cache_clear()
+    assert cpu_kernel_available()
