@@ -8,13 +8,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvsqueeze.ops import cpu_paged_decode
-from kvsqueeze.ops.cpu_paged_decode import cpu_kernel_available, paged_decode_cpu
+from kvsqueeze.ops import cpu_extension
+from kvsqueeze.ops.cpu_extension import cpu_kernels_available
+from kvsqueeze.ops.cpu_paged_decode import paged_decode_cpu
 from kvsqueeze.ops.padded_attention import padded_attention
 from kvsqueeze.store import BlockPool, PagedKV
 from kvsqueeze.store.paged_kv import step_slots
 
-pytestmark = pytest.mark.skipif(not cpu_kernel_available(), reason="the C++ kernel cannot be built here")
+pytestmark = pytest.mark.skipif(not cpu_kernels_available(), reason="the C++ kernels cannot be built here")
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 
@@ -93,12 +94,12 @@ def test_scattered_blocks_after_eviction_and_appends():
 
 def test_switched_off_by_the_environment(monkeypatch):
     monkeypatch.setenv("KVSQUEEZE_CPU_KERNEL", "0")
-    cpu_paged_decode._extension.cache_clear()
+    cpu_extension.cpu_extension.cache_clear()
     try:
-        assert not cpu_kernel_available()
+        assert not cpu_kernels_available()
         with pytest.raises(RuntimeError, match="not available"):
             paged_decode_cpu(torch.zeros(1, 1, 1, 64), [], [0], 1.0)
     finally:
         monkeypatch.delenv("KVSQUEEZE_CPU_KERNEL")
-        cpu_paged_decode._extension.cache_clear()
-    assert cpu_kernel_available()
+        cpu_extension.cpu_extension.cache_clear()
+    assert cpu_kernels_available()

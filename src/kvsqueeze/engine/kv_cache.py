@@ -23,7 +23,8 @@ from kvsqueeze.engine.block_manager import BlockManager
 from kvsqueeze.engine.decode_eviction import evict_heads
 from kvsqueeze.engine.scheduler import ScheduledChunk
 from kvsqueeze.ops import dense_causal_attention, policy_scores
-from kvsqueeze.ops.cpu_paged_decode import cpu_kernel_available, paged_decode_cpu
+from kvsqueeze.ops.cpu_extension import cpu_kernels_available
+from kvsqueeze.ops.cpu_paged_decode import paged_decode_cpu
 from kvsqueeze.ops.padded_attention import padded_attention
 from kvsqueeze.policy import ScoreInput
 from kvsqueeze.store import BlockPool, PagedKV
@@ -211,7 +212,7 @@ class PagedCompressedCache:
         """One new token per sequence: every sequence's heads in one SDPA over one gather."""
         r, hq, d = q.shape
         hkv = stores[0].num_heads
-        if not q.is_cuda and cpu_kernel_available():  # reads the blocks in place: no gather
+        if not q.is_cuda and cpu_kernels_available():  # reads the blocks in place: no gather
             grouped = q.view(r, hkv, hq // hkv, d)
             return paged_decode_cpu(grouped, stores, positions, self.scaling, window, window is not None).view(r, hq, d)
         slots, live = step_slots(stores)  # [r * hkv, L]

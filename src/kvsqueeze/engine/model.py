@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from kvsqueeze.engine.attention_batch import AttentionBackend, AttentionBatch
-from kvsqueeze.engine.rope import RotaryEmbedding, apply_rope
+from kvsqueeze.engine.rope import RotaryEmbedding
 from kvsqueeze.errors import KVSqueezeError
+from kvsqueeze.ops.fused_layer_ops import apply_rope, rms_norm, silu_mul
 
 ACTIVATIONS = {
     "silu": F.silu,
@@ -147,13 +148,6 @@ class LayerWeights:
     down_bias: torch.Tensor | None
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' Llama RMSNorm: normalize in fp32, scale in the input's dtype."""
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
-
-
 class LlamaModel:
     """Embedding, decoder layers and LM head over one dtype; `forward` returns last-token logits."""
 
@@ -233,8 +227,13 @@ class LlamaModel:
     def _residual(self, x: torch.Tensor, attn: torch.Tensor, w: LayerWeights) -> torch.Tensor:
         """The rest of a decoder layer after attention: output projection and MLP, with residuals."""
         x = x + F.linear(attn, w.o, w.o_bias)
-        gate, up = F.linear(rms_norm(x, w.post_norm, self.config.rms_norm_eps), w.gate_up, w.gate_up_bias).chunk(2, -1)
-        return x + F.linear(self.act(gate) * up, w.down, w.down_bias)
+        gate_up = F.linear(rms_norm(x, w.post_norm, self.config.rms_norm_eps), w.gate_up, w.gate_up_bias)
+        if self.config.hidden_act == "silu":
+            hidden = silu_mul(gate_up)
+        else:
+            gate, up = gate_up.chunk(2, -1)
+            hidden = self.act(gate) * up
+        return x + F.linear(hidden, w.down, w.down_bias)
 
     def _upper(
         self, x: torch.Tensor, batch: AttentionBatch, backend: AttentionBackend, cos: torch.Tensor, sin: torch.Tensor

@@ -3,49 +3,17 @@
 The torch path of a decode step gathers every head's blocks into a padded tensor,
 casts it, builds a mask and runs SDPA: the cache is read and written several times
 over, and the gather alone took half of a step at batch 16 x 2k. The kernel reads
-each head's blocks in place, in their storage dtype, once. It is compiled for this
-machine on first use (torch.utils.cpp_extension, cached under
-TORCH_EXTENSIONS_DIR, about a minute the first time); where that cannot happen (no
-compiler) the torch path runs, and that is said once. KVSQUEEZE_CPU_KERNEL=0 turns
-the kernel off.
+each head's blocks in place, in their storage dtype, once (cpu_extension.py builds it).
 """
 
 from __future__ import annotations
 
-import functools
-import os
-import warnings
 from collections.abc import Sequence
-from pathlib import Path
-from types import ModuleType
 
 import torch
 
+from kvsqueeze.ops.cpu_extension import cpu_extension
 from kvsqueeze.store import PagedKV
-
-SOURCE = Path(__file__).parent / "csrc" / "paged_decode.cpp"
-# -ffast-math lets the compiler vectorize exp (glibc's libmvec); the kernel uses finite sentinels.
-CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
-
-
-@functools.cache
-def _extension() -> ModuleType | None:
-    if os.environ.get("KVSQUEEZE_CPU_KERNEL", "1") == "0":
-        return None
-    try:
-        from torch.utils.cpp_extension import load
-
-        return load(name="kvsqueeze_paged_decode", sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-lmvec"])
-    except Exception as err:  # no compiler, no ninja, a failed build: the torch path still works
-        last = str(err).strip().splitlines()[-1:] or [type(err).__name__]
-        warnings.warn(f"the CPU paged decode kernel could not be built ({last[0]}); decode takes the slower torch path",
-                      RuntimeWarning, stacklevel=2)  # fmt: skip
-        return None
-
-
-def cpu_kernel_available() -> bool:
-    """Whether the compiled kernel loads (building it on the first call)."""
-    return _extension() is not None
 
 
 def paged_decode_cpu(
@@ -61,9 +29,9 @@ def paged_decode_cpu(
     stores share one CPU pool. masked=False promises every entry is older than its
     query and inside any window (a plain decode step). Returns query's shape and dtype;
     a head with no entries gets zeros."""
-    ext = _extension()
+    ext = cpu_extension()
     if ext is None:
-        raise RuntimeError("the CPU paged decode kernel is not available")
+        raise RuntimeError("kvsqueeze's CPU kernels are not available")
     pool = stores[0].pool
     return ext.paged_decode(
         query.contiguous(),

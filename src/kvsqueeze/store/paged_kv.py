@@ -360,23 +360,31 @@ class PagedKV(KVStore):
 def append_step(stores: Sequence[PagedKV], keys: torch.Tensor, values: torch.Tensor, positions: list[int]) -> None:
     """One decode step of many sequences: one new entry for every head of every store
     (all over the same pool), in one write into the pool. keys/values [stores x heads, d];
-    positions[i] is store i's new position. Blocks are taken only by heads whose last
-    block is full; the per-store work is a few host integer operations."""
+    positions[i] is store i's new position. Blocks are taken only by stores with a head
+    whose last block is full; every slot comes from one gather over all the stores'
+    tables (a handful of tensor operations per step, not per store: this runs for every
+    layer of every decode step)."""
     pool = stores[0].pool
     size, d = pool.block_size, pool.head_dim
-    slots: list[int] = []
-    for kv in stores:
-        lengths = kv._host_lengths.tolist()
-        if any(n % size == 0 for n in lengths):
+    lengths = torch.cat([kv._host_lengths for kv in stores])
+    heads = len(lengths) // len(stores)
+    full = (lengths % size == 0).view(len(stores), heads).any(dim=1).tolist()
+    for kv, grow in zip(stores, full, strict=True):
+        if grow:
             kv._grow(kv._host_lengths + 1)
-        table = kv._table
-        slots += [int(table[h, n // size]) * size + n % size for h, n in enumerate(lengths)]
+    row_start, offset = [], 0  # where each head's row of block ids starts in the tables laid end to end
+    for kv in stores:
+        width = kv._table.shape[1]
+        row_start.extend(range(offset, offset + kv.num_heads * width, width))
+        offset += kv.num_heads * width
+    tables = torch.cat([kv._table.reshape(-1) for kv in stores])
+    blocks = tables[torch.tensor(row_start) + lengths // size].long()
+    index = (blocks * size + lengths % size).to(pool.device)
+    for kv in stores:
         kv._host_lengths = kv._host_lengths + 1
         kv._lengths = kv._lengths + 1
-    index = torch.tensor(slots, device=pool.device)
     pool.keys.view(-1, d)[index] = keys.to(pool.dtype)
     pool.values.view(-1, d)[index] = values.to(pool.dtype)
-    heads = len(slots) // len(stores)
     pool.positions.view(-1)[index] = torch.tensor(positions, dtype=torch.int32).repeat_interleave(heads).to(pool.device)
 
 

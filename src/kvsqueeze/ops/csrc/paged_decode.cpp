@@ -5,7 +5,7 @@
 // queries and folds them into an online softmax, then accumulates the values. No
 // gather of the cache, no padding, no mask tensor: every byte of K/V is read once, in
 // its storage dtype, and converted to fp32 in registers. Rows run in parallel.
-#include <torch/extension.h>
+#include "kernels.h"
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -314,8 +314,4 @@ torch::Tensor paged_decode(torch::Tensor query, torch::Tensor keys, torch::Tenso
   }));
 #undef KVSQ_CASES
   return out;
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode", &paged_decode, "decode attention over per-head blocks of a pool (CPU)");
 }
