@@ -113,3 +113,12 @@ def test_bad_prefixes_are_refused(saved):
         engine.add_request(QUESTIONS[0], GREEDY, prefix=[])
     out = llm.generate([QUESTIONS[0]], GREEDY, use_tqdm=False, prefix=PREFIX)
     assert len(out[0].outputs[0].token_ids) == NEW
+
+
+def test_prefix_keys_compare_by_content_and_hash_once():
+    from kvsqueeze.engine.prefix_cache import PrefixKey
+
+    key, same = PrefixKey("snapkv", tuple(range(5000))), PrefixKey("snapkv", tuple(range(5000)))
+    assert key == same and hash(key) == hash(same) and {key: 1}[same] == 1
+    assert key != PrefixKey("snapkv", tuple(range(4999))) and key != PrefixKey("tova", tuple(range(5000)))
+    assert key._hash == hash(("snapkv", tuple(range(5000))))  # computed at construction, not per lookup

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from kvsqueeze.engine.prefix_cache import PrefixCache
+from kvsqueeze.engine.prefix_cache import PrefixCache, PrefixKey
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.store import BlockPool, PagedKV
 
@@ -114,7 +114,7 @@ class BlockManager:
         for kv in forks:
             kv.unshare_tails()
 
-    def cache_prefix(self, seq_id: int, key: tuple) -> bool:
+    def cache_prefix(self, seq_id: int, key: PrefixKey) -> bool:
         """Keep the sequence's just-compressed prefix for reuse, if the pool has room for
         the copies of the partly filled last blocks the sequence goes on writing into."""
         layers = self.kv[seq_id]

@@ -15,10 +15,25 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Hashable
+from dataclasses import dataclass, field
 
 from kvsqueeze.store import PagedKV
 
-PrefixKey = tuple[Hashable, tuple[int, ...]]  # (policy, prefix token ids)
+
+@dataclass(frozen=True)
+class PrefixKey:
+    """(policy, prefix token ids), hashed once: the scheduler looks every waiting
+    request's key up at every step, and a tuple of thousands of ids rehashes each time."""
+
+    policy: Hashable
+    token_ids: tuple[int, ...]
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((self.policy, self.token_ids)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
 
 class PrefixCache:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvsqueeze.engine.prefix_cache import PrefixKey
 from kvsqueeze.engine.sampling_params import SamplingParams
 from kvsqueeze.policy import Policy
 from kvsqueeze.policy.budget import MAX_TOKENS
@@ -67,7 +68,7 @@ class Sequence:
     generator: torch.Generator | None = None
     max_kv_tokens: int | None = None  # per-head cap while decoding (None: no eviction after the prompt)
     prefix_len: int = 0
-    prefix_key: tuple | None = field(default=None, init=False)  # (policy, prefix ids): the cache's key
+    prefix_key: PrefixKey | None = field(default=None, init=False)  # the prefix cache's key
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:
@@ -81,7 +82,7 @@ class Sequence:
                 )
             if self.max_kv_tokens is not None:
                 raise ValueError("max_kv_tokens cannot be combined with a shared prefix: its blocks are read-only")
-            self.prefix_key = (self.policy, tuple(self.prompt_token_ids[: self.prefix_len]))
+            self.prefix_key = PrefixKey(self.policy, tuple(self.prompt_token_ids[: self.prefix_len]))
         if self.max_kv_tokens is not None:
             if not self.policy.compresses:
                 raise ValueError(f"max_kv_tokens needs a policy that scores tokens; {self.policy.name!r} keeps all")
