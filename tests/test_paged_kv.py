@@ -226,3 +226,20 @@ def test_eviction_returns_blocks_and_nbytes_follows():
     assert pool.num_free == 64 - 4
     assert kv.nbytes <= full / 8 + 4 * 8 * 8, "an eighth of the blocks, plus the table"
     assert kv.head(0)[2].tolist() == list(range(112, 128))
+
+
+@pytest.mark.parametrize("t", [5, 16, 37])
+def test_joining_every_entry_writes_what_an_all_true_keep_writes(t):
+    """join(keep=None) copies whole blocks at once; it must store exactly what the
+    entry-by-entry path stores, positions included, beside another sequence."""
+    keys, values = torch.randn(3, t, 8), torch.randn(3, t, 8)
+    positions = torch.arange(100, 100 + t)
+    whole, masked = PagedKV(BlockPool(64, 8, block_size=16)), PagedKV(BlockPool(64, 8, block_size=16))
+    for kv in (whole, masked):
+        kv.join(torch.randn(2, 9, 8), torch.randn(2, 9, 8))  # someone already holds blocks
+    whole.join(keys, values, None, positions)
+    masked.join(keys, values, torch.ones(3, t, dtype=torch.bool), positions)
+    for h in range(2, 5):
+        for a, b in zip(whole.head(h), masked.head(h), strict=True):
+            assert torch.equal(a, b)
+    assert torch.equal(whole.head(4)[2], positions.to(torch.int32))

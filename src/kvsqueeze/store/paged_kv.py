@@ -226,12 +226,10 @@ class PagedKV(KVStore):
         keys/values [n, t, d] at positions ([t] or [n, t], default 0..t-1). Returns the
         rows they got (the last n); no other head's entries move."""
         n, t, _ = keys.shape
-        if keep is None:
-            keep = torch.ones(n, t, dtype=torch.bool, device=keys.device)
         if positions is None:
             positions = torch.arange(t, device=keys.device)
         first = self.num_heads
-        lengths = keep.sum(dim=-1)
+        lengths = keep.sum(dim=-1) if keep is not None else torch.full((n,), t, dtype=torch.int64)
         self._table = torch.cat([self._table, self._table.new_full((n, self._table.shape[1]), -1)])
         self._num_blocks = torch.cat([self._num_blocks, self._num_blocks.new_zeros(n)])
         self._host_lengths = torch.cat([self._host_lengths, self._host_lengths.new_zeros(n)])
@@ -239,9 +237,12 @@ class PagedKV(KVStore):
         self._device_table = None
         new_lengths = lengths.cpu()
         self._grow(torch.cat([self._host_lengths[:first], new_lengths]))
-        heads, tokens = keep.nonzero(as_tuple=True)
-        index = (torch.cumsum(keep, dim=-1) - 1)[heads, tokens]
-        self._write(first + heads, index, keys[keep], values[keep], positions.expand(n, t)[keep])
+        if keep is None:
+            self._write_whole(first, keys, values, positions.expand(n, t))
+        else:
+            heads, tokens = keep.nonzero(as_tuple=True)
+            index = (torch.cumsum(keep, dim=-1) - 1)[heads, tokens]
+            self._write(first + heads, index, keys[keep], values[keep], positions.expand(n, t)[keep])
         self._host_lengths[first:] = new_lengths
         self._lengths = self._host_lengths.to(self.pool.device, copy=True)
         return slice(first, first + n)
@@ -321,6 +322,30 @@ class PagedKV(KVStore):
         self.pool.keys.view(-1, d)[slots] = keys.to(self.dtype)
         self.pool.values.view(-1, d)[slots] = values.to(self.dtype)
         self.pool.positions.view(-1)[slots] = positions.to(torch.int32)
+
+    def _write_whole(self, first: int, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
+        """Write every entry of dense keys/values [n, t, d] (positions [n, t]) to heads
+        first.. (blocks already owned): whole blocks as one indexed copy per block, the
+        last partial block entry by entry. A prefill chunk joins this way."""
+        n, t, d = keys.shape
+        size = self.block_size
+        whole = t // size * size
+        if whole:
+            blocks = self._table[first : first + n, : whole // size].reshape(-1).long().to(self.pool.device)
+            self.pool.keys[blocks] = keys[:, :whole].reshape(-1, size, d).to(self.dtype)
+            self.pool.values[blocks] = values[:, :whole].reshape(-1, size, d).to(self.dtype)
+            self.pool.positions[blocks] = positions[:, :whole].reshape(-1, size).to(torch.int32)
+        if whole < t:
+            heads = torch.arange(first, first + n, device=keys.device).repeat_interleave(t - whole)
+            index = torch.arange(whole, t, device=keys.device).repeat(n)
+            rest = slice(whole, t)
+            self._write(
+                heads,
+                index,
+                keys[:, rest].reshape(-1, d),
+                values[:, rest].reshape(-1, d),
+                positions[:, rest].reshape(-1),
+            )
 
     def _grow(self, targets: torch.Tensor) -> None:
         """Take blocks so that head h can hold targets[h] (host) entries."""
