@@ -361,6 +361,8 @@ def test_every_preset_builds():
         "pyramidkv",
         "chunkkv",
         "expected-attention",
+        "criticalkv",
+        "defensivekv",
     ):
         assert required in names
         assert f"ada-{required}" in names or required == "full"

@@ -2,6 +2,8 @@
 
 from kvsqueeze.policy.score.base import ScoreInput, Scorer, attention_probs
 from kvsqueeze.policy.score.chunkkv import ChunkKVScorer
+from kvsqueeze.policy.score.criticalkv import CriticalKVScorer
+from kvsqueeze.policy.score.defensivekv import DefensiveKVScorer
 from kvsqueeze.policy.score.expected_attention import ExpectedAttentionScorer
 from kvsqueeze.policy.score.h2o import H2OScorer
 from kvsqueeze.policy.score.knorm import KNormScorer
@@ -23,11 +25,15 @@ SCORERS: dict[str, type] = {
     "chunkkv": ChunkKVScorer,
     "expected-attention": ExpectedAttentionScorer,
     "kvzip": KVzipScorer,
+    "criticalkv": CriticalKVScorer,
+    "defensivekv": DefensiveKVScorer,
 }
 
 __all__ = [
     "SCORERS",
     "ChunkKVScorer",
+    "CriticalKVScorer",
+    "DefensiveKVScorer",
     "ExpectedAttentionScorer",
     "H2OScorer",
     "KNormScorer",
