@@ -103,3 +103,17 @@ def test_switched_off_by_the_environment(monkeypatch):
         monkeypatch.delenv("KVSQUEEZE_CPU_KERNEL")
         cpu_extension.cpu_extension.cache_clear()
     assert cpu_kernels_available()
+
+
+def test_next_slots_match_the_torch_gather_and_refuse_a_missing_block():
+    from kvsqueeze.ops.cpu_paged_decode import next_slots_cpu
+    from kvsqueeze.store.paged_kv import step_next_slots
+
+    pool = BlockPool(400, 64, dtype=torch.bfloat16)
+    stores = make_stores(pool, [30, 64, 5, 200], heads=3, seed=5)
+    for kv in stores:
+        kv.reserve(1)  # every head owns the block its next entry goes to
+    assert torch.equal(next_slots_cpu(stores), step_next_slots(stores))
+    full = PagedKV.from_dense(pool, torch.randn(1, 16, 64), torch.randn(1, 16, 64), None)  # last block exactly full
+    with pytest.raises(RuntimeError, match="no room"):
+        next_slots_cpu([full])

@@ -24,7 +24,7 @@ from kvsqueeze.engine.decode_eviction import evict_heads
 from kvsqueeze.engine.scheduler import ScheduledChunk
 from kvsqueeze.ops import dense_causal_attention, policy_scores
 from kvsqueeze.ops.cpu_extension import cpu_kernels_available
-from kvsqueeze.ops.cpu_paged_decode import paged_decode_cpu
+from kvsqueeze.ops.cpu_paged_decode import next_slots_cpu, paged_decode_cpu
 from kvsqueeze.ops.padded_attention import padded_attention
 from kvsqueeze.policy import ScoreInput
 from kvsqueeze.store import BlockPool, PagedKV
@@ -98,7 +98,8 @@ class PagedCompressedCache:
             rows, q_rows = torch.tensor([r for r, _, _, _ in decode]), torch.tensor([r for _, r, _, _ in decode])
             stores, positions = [s for _, _, s, _ in decode], [c.start for _, _, _, c in decode]
             if writes:
-                append_step(stores, k[rows].flatten(0, 1), v[rows].flatten(0, 1), positions)
+                fast = next_slots_cpu if not q.is_cuda and cpu_kernels_available() else None
+                append_step(stores, k[rows].flatten(0, 1), v[rows].flatten(0, 1), positions, fast)
             out[q_rows] = self._decode(q[q_rows], stores, positions, self.sliding_windows[layer_idx])
             if writes:
                 for _, row, store, chunk in decode:

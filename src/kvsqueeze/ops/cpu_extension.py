@@ -15,7 +15,7 @@ from pathlib import Path
 from types import ModuleType
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = ["module.cpp", "paged_decode.cpp", "layer_ops.cpp"]
+SOURCES = ["module.cpp", "paged_decode.cpp", "layer_ops.cpp", "block_slots.cpp"]
 # -ffast-math lets the compiler vectorize exp (glibc's libmvec); the kernels use finite sentinels.
 CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
 

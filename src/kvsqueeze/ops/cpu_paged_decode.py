@@ -45,3 +45,11 @@ def paged_decode_cpu(
         sliding_window or 0,
         masked,
     )
+
+
+def next_slots_cpu(stores: Sequence[PagedKV]) -> torch.Tensor:
+    """store/paged_kv.py's step_next_slots in one C++ call (append_step's `next_slots`)."""
+    ext = cpu_extension()
+    if ext is None:
+        raise RuntimeError("kvsqueeze's CPU kernels are not available")
+    return ext.next_slots([kv.host_table for kv in stores], [kv.host_lengths for kv in stores], stores[0].block_size)

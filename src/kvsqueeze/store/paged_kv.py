@@ -22,7 +22,8 @@ last blocks that appends would write into.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import itertools
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -382,35 +383,68 @@ class PagedKV(KVStore):
             self._device_table = None
 
 
-def append_step(stores: Sequence[PagedKV], keys: torch.Tensor, values: torch.Tensor, positions: list[int]) -> None:
+def append_step(
+    stores: Sequence[PagedKV],
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    positions: list[int],
+    next_slots: Callable[[Sequence[PagedKV]], torch.Tensor] | None = None,
+) -> None:
     """One decode step of many sequences: one new entry for every head of every store
     (all over the same pool), in one write into the pool. keys/values [stores x heads, d];
-    positions[i] is store i's new position. Blocks are taken only by stores with a head
-    whose last block is full; every slot comes from one gather over all the stores'
-    tables (a handful of tensor operations per step, not per store: this runs for every
-    layer of every decode step)."""
+    positions[i] is store i's new position. Blocks are taken only by heads whose last
+    block is full. This runs for every layer of every decode step: `next_slots` may be
+    a faster form of step_next_slots (the engine passes the CPU kernel's)."""
     pool = stores[0].pool
     size, d = pool.block_size, pool.head_dim
     lengths = torch.cat([kv._host_lengths for kv in stores])
     heads = len(lengths) // len(stores)
-    full = (lengths % size == 0).view(len(stores), heads).any(dim=1).tolist()
-    for kv, grow in zip(stores, full, strict=True):
-        if grow:
-            kv._grow(kv._host_lengths + 1)
-    row_start, offset = [], 0  # where each head's row of block ids starts in the tables laid end to end
-    for kv in stores:
-        width = kv._table.shape[1]
-        row_start.extend(range(offset, offset + kv.num_heads * width, width))
-        offset += kv.num_heads * width
-    tables = torch.cat([kv._table.reshape(-1) for kv in stores])
-    blocks = tables[torch.tensor(row_start) + lengths // size].long()
-    index = (blocks * size + lengths % size).to(pool.device)
+    full = lengths >= torch.cat([kv._num_blocks for kv in stores]) * size  # the head's last block is full
+    if bool(full.any()):
+        _take_one_block_each(stores, heads, full.nonzero().flatten().tolist())
+    index = (next_slots or step_next_slots)(stores).to(pool.device)
     for kv in stores:
         kv._host_lengths = kv._host_lengths + 1
         kv._lengths = kv._lengths + 1
     pool.keys.view(-1, d)[index] = keys.to(pool.dtype)
     pool.values.view(-1, d)[index] = values.to(pool.dtype)
     pool.positions.view(-1)[index] = torch.tensor(positions, dtype=torch.int32).repeat_interleave(heads).to(pool.device)
+
+
+def step_next_slots(stores: Sequence[PagedKV]) -> torch.Tensor:
+    """[stores x heads] (host, int64): the pool slot of every head's next entry (its
+    block must be owned), from one gather over all the stores' tables laid end to end."""
+    size = stores[0].pool.block_size
+    row_start, offset = [], 0  # where each head's row of block ids starts
+    for kv in stores:
+        width = kv._table.shape[1]
+        row_start.extend(range(offset, offset + kv.num_heads * width, width))
+        offset += kv.num_heads * width
+    lengths = torch.cat([kv._host_lengths for kv in stores])
+    tables = torch.cat([kv._table.reshape(-1) for kv in stores])
+    blocks = tables[torch.tensor(row_start) + lengths // size].long()
+    return blocks * size + lengths % size
+
+
+def _take_one_block_each(stores: Sequence[PagedKV], heads: int, rows: list[int]) -> None:
+    """Give head rows[i] (numbered across the stores, `heads` per store) one more block,
+    taken from the pool at once. In a decode step a few heads cross a block boundary;
+    the general _grow costs a tenth of a millisecond per store, this a few host integer
+    operations per head."""
+    blocks = iter(stores[0].pool.allocate(len(rows)))
+    for s, group in itertools.groupby(rows, key=lambda row: row // heads):
+        kv = stores[s]
+        counts = kv._num_blocks.clone()  # a new tensor: whoever read num_blocks keeps what it read
+        for row in group:
+            h = row % heads
+            column = int(counts[h])
+            if column == kv._table.shape[1]:  # widen, amortized as _grow does
+                extra = max(1, kv._table.shape[1] // 2)
+                kv._table = torch.cat([kv._table, kv._table.new_full((kv.num_heads, extra), -1)], dim=1)
+            kv._table[h, column] = next(blocks)
+            counts[h] = column + 1
+        kv._num_blocks = counts
+        kv._device_table = None
 
 
 def step_slots(stores: Sequence[PagedKV]) -> tuple[torch.Tensor, torch.Tensor]:
