@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from score_cases import check_preset_keeps_the_budget, kept_with_one_slot, random_prefill
 
-from kvsqueeze.policy import Policy, ScoreInput, make_policy
-from kvsqueeze.policy.budget import Budget
+from kvsqueeze.policy import ScoreInput, make_policy
 from kvsqueeze.policy.score import SCORERS, CriticalKVScorer, SnapKVScorer
 
 A, B = 5, 14  # A: a bit more attention, a tiny value; B: a bit less attention, a large value
@@ -36,22 +36,15 @@ def test_a_large_value_outweighs_slightly_more_attention():
         assert snap[A] > snap[B]
         assert critical[B] > critical[A]
     # One slot beside the protected last token: SnapKV keeps A, CriticalKV keeps B.
-    kept = {}
-    for scorer in (SnapKVScorer(pool="none"), CriticalKVScorer(pool="none")):
-        keep = Policy(scorer.name, scorer, budget=Budget(tokens=2), window=1).keep_mask(x, 0, 1)[0, 0]
-        kept[scorer.name] = set(keep.nonzero().flatten().tolist())
+    kept = kept_with_one_slot(x, SnapKVScorer(pool="none"), CriticalKVScorer(pool="none"))
     assert kept == {"snapkv": {A, 23}, "criticalkv": {B, 23}}
 
 
 @pytest.mark.parametrize("order", ["pool-then-reduce", "reduce-then-pool"])
 @pytest.mark.parametrize("how", ["mean", "max"])
 def test_score_is_snapkv_plus_epsilon_times_value_l1_norm(how, order):
-    gen = torch.Generator().manual_seed(0)
-    q = torch.randn(2, 4, 20, 8, generator=gen)
-    k, v = torch.randn(2, 2, 20, 8, generator=gen), torch.randn(2, 2, 20, 8, generator=gen)
-    valid = torch.ones(2, 20, dtype=torch.bool)
-    valid[1, :5] = False
-    x = ScoreInput(q, k, v, valid, scaling=8**-0.5, window=6)
+    x = random_prefill(0)
+    v, valid = x.values, x.valid
     scorer = CriticalKVScorer(pool="max", kernel=3, group_reduce=how, pool_order=order, epsilon=1e-3)
     snap = SnapKVScorer(pool="max", kernel=3, group_reduce=how, pool_order=order)(x)
     scores = scorer(x)
@@ -61,20 +54,8 @@ def test_score_is_snapkv_plus_epsilon_times_value_l1_norm(how, order):
 
 @pytest.mark.parametrize("name", ["criticalkv", "ada-criticalkv"])
 def test_presets_keep_exactly_the_budget(name):
-    gen = torch.Generator().manual_seed(1)
-    q = torch.randn(2, 6, 40, 8, generator=gen)
-    k, v = torch.randn(2, 3, 40, 8, generator=gen), torch.randn(2, 3, 40, 8, generator=gen)
-    valid = torch.ones(2, 40, dtype=torch.bool)
-    valid[1, :7] = False
-    x = ScoreInput(q, k, v, valid, scaling=8**-0.5, window=4)
-    policy = make_policy(name, tokens=12, window=4)
-    assert type(policy.scorer) is CriticalKVScorer
-    keep = policy.keep_mask(x, 0, 1)
-    assert not bool(keep[1, :, :7].any())  # never padding
-    if name == "criticalkv":
-        assert bool((keep.sum(dim=-1) == 12).all())
-    else:  # Ada-KV moves budget between heads; the layer's total stays the uniform one
-        assert keep.sum(dim=(1, 2)).tolist() == [36, 36]
+    policy = check_preset_keeps_the_budget(name, CriticalKVScorer)
+    if name.startswith("ada-"):
         assert policy.scorer.pool_order == "reduce-then-pool"  # Ada-KV's GQA order, as ada-snapkv
 
 

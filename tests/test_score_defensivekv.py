@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from score_cases import check_preset_keeps_the_budget, kept_with_one_slot, random_prefill
 
-from kvsqueeze.policy import Policy, ScoreInput, make_policy
-from kvsqueeze.policy.budget import Budget
+from kvsqueeze.policy import ScoreInput, make_policy
 from kvsqueeze.policy.score import SCORERS, DefensiveKVScorer, SnapKVScorer
 
 A, B = 5, 14  # A: needed strongly by one window query; B: moderately by all of them
@@ -34,10 +34,7 @@ def test_a_key_one_query_needs_beats_one_the_mean_prefers():
         assert snap[B] > snap[A]
         assert defensive[A] > defensive[B]
     # One slot beside the protected last token: SnapKV keeps B, DefensiveKV keeps A.
-    kept = {}
-    for scorer in (SnapKVScorer(pool="none"), DefensiveKVScorer(pool="none")):
-        keep = Policy(scorer.name, scorer, budget=Budget(tokens=2), window=1).keep_mask(x, 0, 1)[0, 0]
-        kept[scorer.name] = set(keep.nonzero().flatten().tolist())
+    kept = kept_with_one_slot(x, SnapKVScorer(pool="none"), DefensiveKVScorer(pool="none"))
     assert kept == {"snapkv": {B, 23}, "defensivekv": {A, 23}}
 
 
@@ -61,18 +58,8 @@ def floored(worst: torch.Tensor, x: ScoreInput) -> torch.Tensor:
     return torch.maximum(worst, floor) * x.valid[:, None, :]
 
 
-def random_prefill(seed: int) -> ScoreInput:
-    """GQA (4 query heads over 2 kv heads), 20 tokens, window 6; sequence 1 has 5 padding slots."""
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(2, 4, 20, 8, generator=gen) * 2
-    k, v = torch.randn(2, 2, 20, 8, generator=gen), torch.randn(2, 2, 20, 8, generator=gen)
-    valid = torch.ones(2, 20, dtype=torch.bool)
-    valid[1, :5] = False
-    return ScoreInput(q, k, v, valid, scaling=8**-0.5, window=6)
-
-
 def test_max_over_window_and_group_floored_at_the_prefix_mean():
-    x = random_prefill(0)
+    x = random_prefill(0, q_scale=2.0)
     expected = floored(rows_max(x), x)
     torch.testing.assert_close(DefensiveKVScorer(pool="none", value_norm=False)(x), expected)
     weighted = DefensiveKVScorer(pool="none")(x)
@@ -87,7 +74,7 @@ def test_max_over_window_and_group_floored_at_the_prefix_mean():
 def test_each_query_row_is_pooled_along_the_prefix_before_the_max():
     # With max pooling, pooling every row and then taking the max over rows is max-pooling
     # the rows' max; the window's own keys stay unpooled, as in SnapKV.
-    x = random_prefill(2)
+    x = random_prefill(2, q_scale=2.0)
     worst = rows_max(x)
     pooled = F.max_pool1d(worst[..., :14].reshape(4, 1, 14), kernel_size=3, stride=1, padding=1).view(2, 2, 14)
     expected = floored(torch.cat([pooled, worst[..., 14:]], dim=-1), x)
@@ -96,20 +83,7 @@ def test_each_query_row_is_pooled_along_the_prefix_before_the_max():
 
 @pytest.mark.parametrize("name", ["defensivekv", "ada-defensivekv"])
 def test_presets_keep_exactly_the_budget(name):
-    gen = torch.Generator().manual_seed(1)
-    q = torch.randn(2, 6, 40, 8, generator=gen)
-    k, v = torch.randn(2, 3, 40, 8, generator=gen), torch.randn(2, 3, 40, 8, generator=gen)
-    valid = torch.ones(2, 40, dtype=torch.bool)
-    valid[1, :7] = False
-    x = ScoreInput(q, k, v, valid, scaling=8**-0.5, window=4)
-    policy = make_policy(name, tokens=12, window=4, group_reduce="mean")  # the group is always max-reduced
-    assert type(policy.scorer) is DefensiveKVScorer
-    keep = policy.keep_mask(x, 0, 1)
-    assert not bool(keep[1, :, :7].any())  # never padding
-    if name == "defensivekv":
-        assert bool((keep.sum(dim=-1) == 12).all())
-    else:  # Ada-KV moves budget between heads; the layer's total stays the uniform one
-        assert keep.sum(dim=(1, 2)).tolist() == [36, 36]
+    check_preset_keeps_the_budget(name, DefensiveKVScorer, group_reduce="mean")  # the group is always max-reduced
 
 
 def test_registered_and_validates():

@@ -68,7 +68,11 @@ def test_every_policy_evicts_and_a_shared_layer_is_stored_once(swift_models, nam
     stored = [i for i, layer in enumerate(cache.layers) if layer.compressed.store is not None]
     assert stored == [0, 1, 2, 3, 5]
     kept = cache.kept_tokens_per_head()
-    assert len(kept) == len(stored) and all(sum(heads) < 2 * PROMPT for heads in kept)  # half of each layer
+    assert len(kept) == len(stored)
+    if name.startswith("cross-"):  # one ranking over all layers: a layer may keep everything, the total may not
+        assert sum(map(sum, kept)) < len(stored) * 2 * PROMPT
+    else:
+        assert all(sum(heads) < 2 * PROMPT for heads in kept)  # half of each layer
     per_token = 2 * model.config.num_key_value_heads * model.config.head_dim * 4  # fp32 keys + values
     seen = PROMPT + 6 - 1  # the last new token is never fed back
     assert cache.full_nbytes == len(stored) * seen * per_token

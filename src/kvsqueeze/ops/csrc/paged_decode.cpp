@@ -113,26 +113,35 @@ void attend_row_bf16(const float* q, float* out, const uint16_t* keys, const uin
     }
   }
   std::vector<float> p(group * length);
-  std::vector<float> partial(block_size * 8);
+  std::vector<float> partial(group * block_size * 8);
   for (int64_t b = 0, t0 = 0; t0 < length; ++b, t0 += block_size) {
     const int64_t base = static_cast<int64_t>(table[b]) * block_size;
     const int64_t n = std::min(block_size, length - t0);
     if (t0 + block_size < length) prefetch_block(keys + static_cast<int64_t>(table[b + 1]) * block_size * D, block_size * D);
-    for (int64_t g = 0; g < group; ++g) {
-      for (int64_t j = 0; j < n; ++j) {
-        const __m256i* row = reinterpret_cast<const __m256i*>(keys + (base + j) * D);
+    for (int64_t j = 0; j < n; ++j) {
+      // The key is converted once, then dotted with every query of the group.
+      const __m256i* row = reinterpret_cast<const __m256i*>(keys + (base + j) * D);
+      __m256 ke[C], ko[C];
+      for (int c = 0; c < C; ++c) {
+        const __m256i raw = _mm256_loadu_si256(row + c);
+        ke[c] = bf16_even(raw);
+        ko[c] = bf16_odd(raw);
+      }
+      for (int64_t g = 0; g < group; ++g) {
         __m256 s = _mm256_setzero_ps();
         for (int c = 0; c < C; ++c) {
-          const __m256i raw = _mm256_loadu_si256(row + c);
-          s = _mm256_fmadd_ps(_mm256_loadu_ps(&qe[(g * C + c) * 8]), bf16_even(raw), s);
-          s = _mm256_fmadd_ps(_mm256_loadu_ps(&qo[(g * C + c) * 8]), bf16_odd(raw), s);
+          s = _mm256_fmadd_ps(_mm256_loadu_ps(&qe[(g * C + c) * 8]), ke[c], s);
+          s = _mm256_fmadd_ps(_mm256_loadu_ps(&qo[(g * C + c) * 8]), ko[c], s);
         }
-        _mm256_storeu_ps(&partial[j * 8], s);
+        _mm256_storeu_ps(&partial[(g * block_size + j) * 8], s);
       }
+    }
+    for (int64_t g = 0; g < group; ++g) {
+      const float* part = &partial[g * block_size * 8];
       float* pg = p.data() + g * length + t0;
       int64_t j = 0;
-      for (; j + 8 <= n; j += 8) _mm256_storeu_ps(pg + j, sum_lanes8(&partial[j * 8]));
-      for (; j < n; ++j) pg[j] = sum_lanes(_mm256_loadu_ps(&partial[j * 8]));
+      for (; j + 8 <= n; j += 8) _mm256_storeu_ps(pg + j, sum_lanes8(part + j * 8));
+      for (; j < n; ++j) pg[j] = sum_lanes(_mm256_loadu_ps(part + j * 8));
     }
     if (masked) {
       for (int64_t j = 0; j < n; ++j) {
