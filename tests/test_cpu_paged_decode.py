@@ -117,3 +117,10 @@ def test_next_slots_match_the_torch_gather_and_refuse_a_missing_block():
     full = PagedKV.from_dense(pool, torch.randn(1, 16, 64), torch.randn(1, 16, 64), None)  # last block exactly full
     with pytest.raises(RuntimeError, match="no room"):
         next_slots_cpu([full])
+
+
+def test_the_build_is_named_after_this_cpu():
+    """-march=native builds must not be shared by machines of different CPUs."""
+    tag = cpu_extension._machine_tag()
+    assert len(tag) == 10 and tag == cpu_extension._machine_tag()
+    assert cpu_extension.cpu_extension().__name__ == f"kvsqueeze_cpu_{tag}"

@@ -1,15 +1,18 @@
 """kvsqueeze's CPU kernels (csrc/): compiled for this machine on first use.
 
-torch.utils.cpp_extension builds them with the machine's C++ compiler and ninja and
-caches the build under TORCH_EXTENSIONS_DIR (about a minute the first time, a
-moment after). Where that cannot happen (no compiler) every caller takes its torch
-path, and that is said once. KVSQUEEZE_CPU_KERNEL=0 turns the kernels off.
+torch.utils.cpp_extension builds them with the machine's C++ compiler and ninja, for
+this CPU (-march=native), and caches the build under TORCH_EXTENSIONS_DIR, one per
+CPU model (about a minute the first time, a moment after). Where that cannot happen
+(no compiler) every caller takes its torch path, and that is said once.
+KVSQUEEZE_CPU_KERNEL=0 turns the kernels off.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
+import platform
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -29,7 +32,7 @@ def cpu_extension() -> ModuleType | None:
         from torch.utils.cpp_extension import load
 
         return load(
-            name="kvsqueeze_cpu",
+            name=f"kvsqueeze_cpu_{_machine_tag()}",
             sources=[str(CSRC / name) for name in SOURCES],
             extra_cflags=CFLAGS,
             extra_ldflags=["-lmvec"],
@@ -39,6 +42,17 @@ def cpu_extension() -> ModuleType | None:
         warnings.warn(f"kvsqueeze's CPU kernels could not be built ({last[0]}); the slower torch paths run",
                       RuntimeWarning, stacklevel=2)  # fmt: skip
         return None
+
+
+def _machine_tag() -> str:
+    """A short hash of this CPU's instruction-set flags. The kernels are compiled with
+    -march=native, and the build cache is keyed by name: a home directory shared by
+    machines of different CPUs must not hand one machine the other's build."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = platform.machine() + platform.processor()
+    return hashlib.sha1(flags.encode()).hexdigest()[:10]
 
 
 def cpu_kernels_available() -> bool:
