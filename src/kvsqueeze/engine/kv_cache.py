@@ -46,6 +46,8 @@ class PagedCompressedCache:
         # Layer -> the BlockManager entry holding its K/V (SwiftKV's AcrossKV layers share one).
         self.kv_entries = tuple(kv_entries) if kv_entries is not None else tuple(range(blocks.num_layers))
         self.num_layers = len(self.kv_entries)
+        # Decode on the CPU reads the blocks in place and appends through the C++ kernels (ops/csrc).
+        self.cpu_kernels = blocks.pool.device.type == "cpu" and cpu_kernels_available()
         self.chunks: list[ScheduledChunk] = []
         self._prompt_queries: dict[tuple[int, int], list[torch.Tensor]] = {}  # (seq, layer) -> [n, hq, d] chunks
         self._recent: dict[tuple[int, int], torch.Tensor] = {}  # (seq, layer) -> last queries [hq, w, d]
@@ -98,7 +100,7 @@ class PagedCompressedCache:
             rows, q_rows = torch.tensor([r for r, _, _, _ in decode]), torch.tensor([r for _, r, _, _ in decode])
             stores, positions = [s for _, _, s, _ in decode], [c.start for _, _, _, c in decode]
             if writes:
-                fast = next_slots_cpu if not q.is_cuda and cpu_kernels_available() else None
+                fast = next_slots_cpu if self.cpu_kernels else None
                 append_step(stores, k[rows].flatten(0, 1), v[rows].flatten(0, 1), positions, fast)
             out[q_rows] = self._decode(q[q_rows], stores, positions, self.sliding_windows[layer_idx])
             if writes:
@@ -213,7 +215,7 @@ class PagedCompressedCache:
         """One new token per sequence: every sequence's heads in one SDPA over one gather."""
         r, hq, d = q.shape
         hkv = stores[0].num_heads
-        if not q.is_cuda and cpu_kernels_available():  # reads the blocks in place: no gather
+        if self.cpu_kernels:  # reads the blocks in place: no gather
             grouped = q.view(r, hkv, hq // hkv, d)
             return paged_decode_cpu(grouped, stores, positions, self.scaling, window, window is not None).view(r, hq, d)
         slots, live = step_slots(stores)  # [r * hkv, L]

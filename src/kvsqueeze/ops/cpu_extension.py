@@ -55,6 +55,14 @@ def _machine_tag() -> str:
     return hashlib.sha1(flags.encode()).hexdigest()[:10]
 
 
+def require_cpu_extension() -> ModuleType:
+    """The compiled module, for callers that have already chosen the kernel path."""
+    ext = cpu_extension()
+    if ext is None:
+        raise RuntimeError("kvsqueeze's CPU kernels are not available")
+    return ext
+
+
 def cpu_kernels_available() -> bool:
     """Whether the compiled kernels load (building them on the first call)."""
     return cpu_extension() is not None

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from kvsqueeze.ops.cpu_extension import cpu_extension
+from kvsqueeze.ops.cpu_extension import require_cpu_extension
 from kvsqueeze.store import PagedKV
 
 
@@ -29,9 +29,7 @@ def paged_decode_cpu(
     stores share one CPU pool. masked=False promises every entry is older than its
     query and inside any window (a plain decode step). Returns query's shape and dtype;
     a head with no entries gets zeros."""
-    ext = cpu_extension()
-    if ext is None:
-        raise RuntimeError("kvsqueeze's CPU kernels are not available")
+    ext = require_cpu_extension()
     pool = stores[0].pool
     return ext.paged_decode(
         query.contiguous(),
@@ -49,7 +47,6 @@ def paged_decode_cpu(
 
 def next_slots_cpu(stores: Sequence[PagedKV]) -> torch.Tensor:
     """store/paged_kv.py's step_next_slots in one C++ call (append_step's `next_slots`)."""
-    ext = cpu_extension()
-    if ext is None:
-        raise RuntimeError("kvsqueeze's CPU kernels are not available")
-    return ext.next_slots([kv.host_table for kv in stores], [kv.host_lengths for kv in stores], stores[0].block_size)
+    return require_cpu_extension().next_slots(
+        [kv.host_table for kv in stores], [kv.host_lengths for kv in stores], stores[0].block_size
+    )

@@ -357,13 +357,17 @@ class PagedKV(KVStore):
         blocks = torch.tensor(self.pool.allocate(total), dtype=torch.int32)
         owner = torch.repeat_interleave(torch.arange(self.num_heads), need)
         column = self._num_blocks[owner] + torch.arange(total) - (torch.cumsum(need, 0) - need)[owner]
-        width = int((self._num_blocks + need).max())
-        if width > self._table.shape[1]:
-            extra = max(width - self._table.shape[1], self._table.shape[1] // 2)  # amortize widening
-            self._table = torch.cat([self._table, self._table.new_full((self.num_heads, extra), -1)], dim=1)
+        self._widen_to(int((self._num_blocks + need).max()))
         self._table[owner, column] = blocks
         self._num_blocks = self._num_blocks + need
         self._device_table = None
+
+    def _widen_to(self, width: int) -> None:
+        """Make the block table at least `width` columns wide, growing by half its width
+        at least, so that appends widen it rarely."""
+        if width > self._table.shape[1]:
+            extra = max(width - self._table.shape[1], self._table.shape[1] // 2)
+            self._table = torch.cat([self._table, self._table.new_full((self.num_heads, extra), -1)], dim=1)
 
     def _shrink(self) -> None:
         """Return the blocks past each head's live entries to the pool."""
@@ -438,9 +442,7 @@ def _take_one_block_each(stores: Sequence[PagedKV], heads: int, rows: list[int])
         for row in group:
             h = row % heads
             column = int(counts[h])
-            if column == kv._table.shape[1]:  # widen, amortized as _grow does
-                extra = max(1, kv._table.shape[1] // 2)
-                kv._table = torch.cat([kv._table, kv._table.new_full((kv.num_heads, extra), -1)], dim=1)
+            kv._widen_to(column + 1)
             kv._table[h, column] = next(blocks)
             counts[h] = column + 1
         kv._num_blocks = counts
