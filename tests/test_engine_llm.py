@@ -102,17 +102,19 @@ def test_engine_tokens_equal_the_hf_path(arch, name, tmp_path_factory):
     assert engine.blocks.is_whole()
 
 
-def test_preemption_recomputes_to_the_same_tokens(tmp_path_factory):
+@pytest.mark.parametrize("reserve", [False, True])
+def test_preemption_recomputes_to_the_same_tokens(tmp_path_factory, reserve):
     model, path = _folder(tmp_path_factory, "llama")
     prompts = _prompts([60, 60, 60, 60], seed=5)
     policy = make_policy("snapkv", keep=0.5, window=WINDOW)
     expected = [hf_greedy(model, ids, policy) for ids in prompts]
     # 3 layers x 2 kv heads: a 60-token prompt takes 24 blocks before compression; 60 blocks hold
-    # two sequences at a time, so the others wait or get preempted.
+    # two sequences at a time, so the others wait or (admitted on their next chunk alone) get preempted.
     kv_memory = 60 * 16 * (2 * 16 * 4 + 4)
-    llm = LLM(str(path), policy="snapkv", keep=0.5, window=WINDOW, dtype="fp32", kv_memory=kv_memory)
+    llm = LLM(str(path), policy="snapkv", keep=0.5, window=WINDOW, dtype="fp32", kv_memory=kv_memory, reserve=reserve)
     outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=NEW, ignore_eos=True), use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == expected
+    assert (llm.engine.scheduler.num_preemptions == 0) == reserve
     assert llm.engine.blocks.is_whole()
 
 

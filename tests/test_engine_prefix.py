@@ -94,7 +94,7 @@ def test_prefix_reuse_survives_preemption_and_a_small_pool(saved):
     # 3 layers x 2 kv heads, 54 blocks: one prompt's uncompressed prefix takes 36; requests
     # decoding 30 tokens outgrow the pool and are preempted, then fork the prefix again.
     kv_memory = 54 * 16 * (2 * 16 * 4 + 4)
-    llm = LLM(str(path), policy="snapkv", keep=0.5, window=WINDOW, dtype="fp32", kv_memory=kv_memory)
+    llm = LLM(str(path), policy="snapkv", keep=0.5, window=WINDOW, dtype="fp32", kv_memory=kv_memory, reserve=False)
     outs = llm.generate(QUESTIONS * 2, SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True),
                         use_tqdm=False, prefix=PREFIX)  # fmt: skip
     assert [o.outputs[0].token_ids for o in outs] == expected

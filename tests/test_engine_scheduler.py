@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from kvsqueeze.engine.block_manager import BlockManager
+from kvsqueeze.engine.footprint import peak_blocks
 from kvsqueeze.engine.sampling_params import SamplingParams
 from kvsqueeze.engine.scheduler import Scheduler
 from kvsqueeze.engine.sequence import Sequence, SequenceStatus
@@ -72,7 +73,7 @@ def test_blocks_for_counts_every_head_of_every_layer():
 def test_pool_short_preempts_the_newest_and_recomputes_it_without_leaks():
     # Room for two 32-token sequences (2 blocks x 2 heads x 2 layers = 8 each) and little more.
     bm = _manager(18)
-    sched = Scheduler(bm, max_num_batched_tokens=64)
+    sched = Scheduler(bm, max_num_batched_tokens=64, reserve=False)
     a, b = _seq(32, max_tokens=20), _seq(32, max_tokens=20)
     sched.add(a)
     sched.add(b)
@@ -111,3 +112,47 @@ def test_bad_configuration_is_refused():
         Scheduler(_manager(100), max_num_seqs=0)
     with pytest.raises(ValueError, match="empty prompt"):
         Sequence([], SamplingParams(), make_policy("full"))
+
+
+def test_peak_blocks_is_the_larger_of_the_uncompressed_prompt_and_the_end_of_generation():
+    def seq(policy: str, prompt: int, new: int, cap: int | None = None) -> Sequence:
+        keep = None if policy == "full" else 0.25
+        params = SamplingParams(max_tokens=new)
+        return Sequence(list(range(prompt)), params, make_policy(policy, keep=keep, window=8), max_kv_tokens=cap)
+
+    heads = LAYERS * HKV
+    assert peak_blocks(seq("full", 100, 30), LAYERS, HKV, BLOCK) == heads * 9  # 130 tokens: 9 blocks a head
+    # snapkv keeps 32 of 128: the uncompressed prompt (8 blocks a head) is the peak for a short answer...
+    assert peak_blocks(seq("snapkv", 128, 8), LAYERS, HKV, BLOCK) == heads * 8
+    # ...and the end of a long one: 32 + 200 tokens, 15 blocks, one of slack
+    assert peak_blocks(seq("snapkv", 128, 200), LAYERS, HKV, BLOCK) == heads * 16
+    # decoding under a cap of 96 tokens a head: 6 blocks and the slack, below the prompt's 8
+    assert peak_blocks(seq("snapkv", 128, 200, cap=96), LAYERS, HKV, BLOCK) == heads * 8
+
+
+def test_reserving_admission_waits_instead_of_preempting():
+    # The pool of the preemption test above: each sequence peaks at 52 tokens (4 blocks a
+    # head, 16 in all), so the second waits for the first to finish instead of being preempted.
+    bm = _manager(18)
+    sched = Scheduler(bm, max_num_batched_tokens=64)
+    a, b = _seq(32, max_tokens=20), _seq(32, max_tokens=20)
+    sched.add(a)
+    sched.add(b)
+    running_together = False
+    while sched.has_unfinished():
+        chunks = sched.schedule()
+        assert chunks
+        running_together |= len(sched.running) > 1
+        _store(bm, chunks)
+        for s in list(sched.running):
+            if len(s.output_token_ids) >= s.params.max_tokens:
+                sched.finish(s, "length")
+    assert sched.num_preemptions == 0 and not running_together
+    assert len(a.output_token_ids) == len(b.output_token_ids) == 20 and bm.is_whole()
+    # A pool that holds both peaks runs them together.
+    bm = _manager(32)
+    sched = Scheduler(bm, max_num_batched_tokens=64)
+    sched.add(_seq(32, max_tokens=20))
+    sched.add(_seq(32, max_tokens=20))
+    sched.schedule()
+    assert len(sched.running) == 2

@@ -61,9 +61,11 @@ def bench_engine(
     window: int = 32,
     on_policy: Callable[[str], None] | None = None,
     compress_chunks: bool = False,
+    reserve: bool = True,
 ) -> list[EngineBenchRow]:
     """One timed run of the whole workload per policy, each on a fresh engine after a
-    short warm-up request (`compress_chunks`: compress each prompt chunk as it runs)."""
+    short warm-up request (`compress_chunks`: compress each prompt chunk as it runs;
+    `reserve`: admit by peak footprint, engine/footprint.py)."""
     rows = []
     for policy in policies:
         if on_policy is not None:
@@ -71,6 +73,7 @@ def bench_engine(
         args = EngineArgs(
             model=str(model_dir), policy=policy, keep=keep, tokens=tokens, window=window,
             kv_memory=kv_memory, dtype=dtype, device=device, compress_chunks=compress_chunks,
+            reserve=reserve,
         )  # fmt: skip
         engine = LLMEngine(args)
         prompts = essay_prompts(engine.tokenizer, num_prompts, prompt_len)

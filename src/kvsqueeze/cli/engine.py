@@ -44,6 +44,14 @@ MaxKvTokensOption = Annotated[
         "--max-kv-tokens", min=16, max=MAX_TOKENS, help="per-head cap while decoding: the policy evicts past it"
     ),
 ]
+ReserveOption = Annotated[
+    bool,
+    typer.Option(
+        "--reserve/--no-reserve",
+        help="admit a request only when every running request's peak KV fits (no preemption within max_tokens); "
+        "--no-reserve admits on the next prompt chunk alone (more at once, preemption by recompute)",
+    ),
+]
 
 
 @app.command()
@@ -58,6 +66,7 @@ def serve(
     kv_memory: KvMemoryOption = "1GiB",
     max_kv_tokens: MaxKvTokensOption = None,
     compress_chunks: CompressChunksOption = False,
+    reserve: ReserveOption = True,
     dtype: DtypeOption = Dtype.bf16,
     device: DeviceOption = Device.cpu,
     host: Annotated[str, typer.Option("--host", help="address to bind (loopback by default)")] = "127.0.0.1",
@@ -85,6 +94,7 @@ def serve(
         model=str(folder), policy=policy, keep=keep, tokens=tokens, window=window, alpha=alpha,
         kv_memory=kv_memory, dtype=dtype.value, device=device.value, max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens, max_kv_tokens=max_kv_tokens, compress_chunks=compress_chunks,
+        reserve=reserve,
     )  # fmt: skip
     engine = AsyncLLMEngine(LLMEngine(args))
     typer.echo(
@@ -109,6 +119,7 @@ def bench_engine(
     output_len: Annotated[int, typer.Option("--output-len", min=1, max=MAX_TOKENS)] = 256,
     kv_memory: KvMemoryOption = "1GiB",
     compress_chunks: CompressChunksOption = False,
+    reserve: ReserveOption = True,
     dtype: DtypeOption = Dtype.bf16,
     device: DeviceOption = Device.cpu,
     as_json: Annotated[bool, typer.Option("--json", metavar="", help="print a JSON list of rows")] = False,
@@ -132,7 +143,7 @@ def bench_engine(
     rows = run(
         model_folder(model), names, keep, tokens, num_prompts, prompt_len, output_len, kv_memory, dtype.value,
         device.value, window, on_policy=lambda name: console.print(f"[bold]policy {name}[/bold]"),
-        compress_chunks=compress_chunks,
+        compress_chunks=compress_chunks, reserve=reserve,
     )  # fmt: skip
     if as_json:
         typer.echo(json.dumps([row.as_dict() for row in rows]))

@@ -63,6 +63,9 @@ class EngineArgs:
     block_size: int = 16
     max_kv_tokens: int | None = None  # per-head cap while decoding; the policy evicts past it
     compress_chunks: bool = False  # compress each prompt chunk as it runs, not the whole prompt at its end
+    # Admit a sequence only when every running sequence's peak footprint fits beside its
+    # own (engine/footprint.py): no preemption within max_tokens. False: admit on the next chunk.
+    reserve: bool = True
 
 
 class LLMEngine:
@@ -91,7 +94,7 @@ class LLMEngine:
             args.compress_chunks,
             [cfg.kv_entry(i) for i in range(cfg.num_layers)],
         )
-        self.scheduler = Scheduler(self.blocks, args.max_num_seqs, args.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.blocks, args.max_num_seqs, args.max_num_batched_tokens, args.reserve)
         self.default_policy = make_policy(args.policy, args.keep, args.tokens, window=args.window, alpha=args.alpha)
         check_engine_policy(self.default_policy)
         self.metrics = EngineMetrics()

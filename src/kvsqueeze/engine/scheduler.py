@@ -7,9 +7,14 @@ step's token budget and the pool allow. A prompt's last chunk ends exactly at th
 prompt, so its policy compresses the whole prompt at once, as the HF path does (a
 shared prefix's end is a chunk boundary too). A waiting sequence whose prefix is
 cached starts after it, on forked blocks; one whose prefix another sequence is
-computing waits for it. When a running sequence cannot grow, cached prefixes go
-first (least recently used), then the newest running sequence gives its blocks back
-and waits to be recomputed; nothing ever runs out of memory.
+computing waits for it.
+
+Admission reserves (footprint.py): a sequence starts only when its peak footprint and
+every running sequence's fit in the pool together, so preemption is for estimates
+that fall short; `reserve=False` admits on the next chunk alone (vLLM's way, more
+sequences at once, more preemptions). When a running sequence cannot grow, cached
+prefixes go first (least recently used), then the newest running sequence gives its
+blocks back and waits to be recomputed; nothing ever runs out of memory.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from kvsqueeze.engine.block_manager import BlockManager
+from kvsqueeze.engine.footprint import peak_blocks
 from kvsqueeze.engine.sequence import Sequence, SequenceStatus
 
 
@@ -63,6 +69,7 @@ class Scheduler:
         block_manager: BlockManager,
         max_num_seqs: int = 256,
         max_num_batched_tokens: int = 2048,
+        reserve: bool = True,
     ) -> None:
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
@@ -71,6 +78,14 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.reserve = reserve
+        self._peaks: dict[int, int] = {}  # seq_id -> peak_blocks, for running sequences
+
+    def _peak(self, seq: Sequence) -> int:
+        if seq.seq_id not in self._peaks:
+            b = self.blocks
+            self._peaks[seq.seq_id] = peak_blocks(seq, b.num_layers, b.num_kv_heads, b.block_size)
+        return self._peaks[seq.seq_id]
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -82,6 +97,7 @@ class Scheduler:
         """End a sequence (done or aborted) and return its blocks at once."""
         seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
         self.blocks.free(seq.seq_id)
+        self._peaks.pop(seq.seq_id, None)
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
@@ -131,8 +147,11 @@ class Scheduler:
             budget -= n
             reserved += need
         prefixes = self.blocks.prefixes
+        committed = sum(self._peak(s) for s in self.running) if self.reserve else 0
         for seq in list(self.waiting):
             if len(self.running) >= self.max_num_seqs or budget <= 0:
+                break
+            if self.reserve and self.running and committed + self._peak(seq) > self.blocks.num_blocks:
                 break
             key = seq.prefix_key if seq.num_computed == 0 else None
             if key in prefixes.pending:
@@ -153,6 +172,7 @@ class Scheduler:
                 prefixes.pending[key] = seq.seq_id
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
+            committed += self._peak(seq) if self.reserve else 0
             chunks.append(ScheduledChunk(seq, n))
             budget -= n
             reserved += need
