@@ -105,18 +105,40 @@ def test_switched_off_by_the_environment(monkeypatch):
     assert cpu_kernels_available()
 
 
-def test_next_slots_match_the_torch_gather_and_refuse_a_missing_block():
-    from kvsqueeze.ops.cpu_paged_decode import next_slots_cpu
-    from kvsqueeze.store.paged_kv import step_next_slots
-
-    pool = BlockPool(400, 64, dtype=torch.bfloat16)
-    stores = make_stores(pool, [30, 64, 5, 200], heads=3, seed=5)
+def _state(stores: list[PagedKV]) -> list:
+    pool = stores[0].pool
+    out = []
     for kv in stores:
-        kv.reserve(1)  # every head owns the block its next entry goes to
-    assert torch.equal(next_slots_cpu(stores), step_next_slots(stores))
-    full = PagedKV.from_dense(pool, torch.randn(1, 16, 64), torch.randn(1, 16, 64), None)  # last block exactly full
-    with pytest.raises(RuntimeError, match="no room"):
-        next_slots_cpu([full])
+        slots, live = kv.live_slots()
+        d = pool.head_dim
+        out += [kv.host_lengths.clone(), kv.lengths.clone(), kv.num_blocks.clone()]
+        out += [pool.keys.view(-1, d)[slots][live], pool.values.view(-1, d)[slots][live]]
+        out += [pool.positions.view(-1)[slots][live]]
+    return out
+
+
+def test_append_decode_writes_what_the_torch_append_writes_across_block_boundaries():
+    from kvsqueeze.ops.cpu_paged_decode import append_decode_cpu, blocks_needed_cpu
+    from kvsqueeze.store.paged_kv import append_step
+
+    worlds = []
+    for kernel in (None, append_decode_cpu):
+        pool = BlockPool(600, 64, dtype=torch.bfloat16)
+        # lengths around block boundaries; make_stores evicts, which can leave the host and
+        # device lengths as one tensor on the CPU: the kernel must count each entry once
+        stores = make_stores(pool, [30, 64, 5, 200, 16], heads=3, seed=5)
+        gen = torch.Generator().manual_seed(1)
+        for step in range(40):
+            new = len(stores) * 3
+            if kernel is not None:  # the count the scheduler asks before each step
+                python = sum(max(0, -(-(n + 1) // 16) - b) for kv in stores
+                             for n, b in zip(kv.host_lengths.tolist(), kv.num_blocks.tolist(), strict=True))  # fmt: skip
+                assert blocks_needed_cpu(stores, 1) == python
+            k, v = torch.randn(new, 64, generator=gen), torch.randn(new, 64, generator=gen)
+            append_step(stores, k, v, [300 + step + i for i in range(len(stores))], kernel)
+        worlds.append(_state(stores))
+    for torch_side, kernel_side in zip(*worlds, strict=True):
+        assert torch.equal(torch_side, kernel_side)
 
 
 def test_the_build_is_named_after_this_cpu():

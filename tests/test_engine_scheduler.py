@@ -121,13 +121,14 @@ def test_peak_blocks_is_the_larger_of_the_uncompressed_prompt_and_the_end_of_gen
         return Sequence(list(range(prompt)), params, make_policy(policy, keep=keep, window=8), max_kv_tokens=cap)
 
     heads = LAYERS * HKV
-    assert peak_blocks(seq("full", 100, 30), LAYERS, HKV, BLOCK) == heads * 9  # 130 tokens: 9 blocks a head
-    # snapkv keeps 32 of 128: the uncompressed prompt (8 blocks a head) is the peak for a short answer...
-    assert peak_blocks(seq("snapkv", 128, 8), LAYERS, HKV, BLOCK) == heads * 8
+    assert peak_blocks(seq("full", 100, 30), LAYERS, HKV, BLOCK) == (heads * 9, heads * 9)  # 130 tokens: 9 a head
+    # snapkv keeps 32 of 128: the uncompressed prompt (8 blocks a head) is the peak for a short
+    # answer; after compression, 32 + 8 tokens (3 blocks) and one of slack
+    assert peak_blocks(seq("snapkv", 128, 8), LAYERS, HKV, BLOCK) == (heads * 8, heads * 4)
     # ...and the end of a long one: 32 + 200 tokens, 15 blocks, one of slack
-    assert peak_blocks(seq("snapkv", 128, 200), LAYERS, HKV, BLOCK) == heads * 16
+    assert peak_blocks(seq("snapkv", 128, 200), LAYERS, HKV, BLOCK) == (heads * 16, heads * 16)
     # decoding under a cap of 96 tokens a head: 6 blocks and the slack, below the prompt's 8
-    assert peak_blocks(seq("snapkv", 128, 200, cap=96), LAYERS, HKV, BLOCK) == heads * 8
+    assert peak_blocks(seq("snapkv", 128, 200, cap=96), LAYERS, HKV, BLOCK) == (heads * 8, heads * 7)
 
 
 def test_reserving_admission_waits_instead_of_preempting():
@@ -156,3 +157,22 @@ def test_reserving_admission_waits_instead_of_preempting():
     sched.add(_seq(32, max_tokens=20))
     sched.schedule()
     assert len(sched.running) == 2
+
+
+def test_a_compressed_sequence_reserves_its_compressed_footprint():
+    # snapkv keeps 16 of 64 tokens: 4 blocks a head before compression (16 in all), 3 after
+    # (16 + 8 new tokens and a block of slack: 12 in all). 28 blocks hold one uncompressed
+    # prompt beside one compressed sequence, not two uncompressed prompts.
+    bm = _manager(28)
+    sched = Scheduler(bm, max_num_batched_tokens=64)
+    policy = make_policy("snapkv", keep=0.25, window=4)
+    a, b = (Sequence(list(range(1, 65)), SamplingParams(max_tokens=8), policy) for _ in range(2))
+    sched.add(a)
+    sched.add(b)
+    chunks = sched.schedule()
+    assert [c.seq for c in chunks] == [a]
+    _store(bm, chunks)
+    for layer in range(LAYERS):  # what a's policy does at the end of its prompt: keep 16 tokens a head
+        bm.layer(a.seq_id, layer).evict(torch.arange(64).expand(HKV, 64) < 16)
+    assert bm.blocks_in_use() == LAYERS * HKV * 1
+    assert [c.seq for c in sched.schedule()] == [a, b]

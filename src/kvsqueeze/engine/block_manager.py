@@ -18,6 +18,8 @@ import torch
 
 from kvsqueeze.engine.prefix_cache import PrefixCache, PrefixKey
 from kvsqueeze.errors import KVSqueezeError
+from kvsqueeze.ops.cpu_extension import cpu_kernels_available
+from kvsqueeze.ops.cpu_paged_decode import blocks_needed_cpu
 from kvsqueeze.store import BlockPool, PagedKV
 
 
@@ -45,6 +47,7 @@ class BlockManager:
                 f"cannot allocate a KV pool of {kv_memory} bytes on {device}: give --kv-memory what the device holds"
             ) from None
         self.num_layers, self.num_kv_heads, self.block_size = num_layers, num_kv_heads, block_size
+        self._cpu_kernels = self.pool.device.type == "cpu" and cpu_kernels_available()
         self.kv: dict[int, list[PagedKV | None]] = {}  # seq_id -> per layer (None until it joins that layer)
         self.on_free: list[Callable[[int], None]] = []  # told of every sequence whose blocks are freed
         self.prefixes = PrefixCache()
@@ -64,13 +67,19 @@ class BlockManager:
         fresh = -(-n_tokens // self.block_size) * self.num_kv_heads
         if layers is None:
             return fresh * self.num_layers
-        total, size = 0, self.block_size
-        for kv in layers:
-            if kv is None:
-                total += fresh
-            else:  # host integers: this runs for every sequence at every step
-                lengths, owned = kv.lengths.tolist(), kv.num_blocks.tolist()
-                total += sum(max(0, -(-(n + n_tokens) // size) - b) for n, b in zip(lengths, owned, strict=True))
+        stored = [kv for kv in layers if kv is not None]
+        total = fresh * (len(layers) - len(stored))
+        return total + (self._blocks_needed(stored, n_tokens) if stored else 0)
+
+    def _blocks_needed(self, stores: list[PagedKV], n_tokens: int) -> int:
+        """Blocks the stores' heads take to grow by n_tokens; this runs for every running
+        sequence at every step, so on the CPU one C++ call does it."""
+        if self._cpu_kernels:
+            return blocks_needed_cpu(stores, n_tokens)
+        size, total = self.block_size, 0
+        for kv in stores:
+            lengths, owned = kv.host_lengths.tolist(), kv.num_blocks.tolist()
+            total += sum(max(0, -(-(n + n_tokens) // size) - b) for n, b in zip(lengths, owned, strict=True))
         return total
 
     def blocks_for_fork(self, layers: list[PagedKV], n_tokens: int) -> int:

@@ -7,7 +7,8 @@ with 256 tokens out, the 12 preemptions of greedy admission recomputed 38% more
 prompt tokens than the workload has). The peak is where the footprint is largest:
 the uncompressed prompt just before the policy compresses it, or the end of the
 generation, when the kept prompt and every generated token (up to the per-head
-decoding cap) are stored.
+decoding cap) are stored; once a sequence has compressed, only the second remains,
+so a compressed sequence reserves its compressed footprint.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ import torch
 from kvsqueeze.engine.sequence import Sequence
 
 
-def peak_blocks(seq: Sequence, num_layers: int, num_kv_heads: int, block_size: int) -> int:
-    """Blocks `seq` holds at its largest, over every head of every layer (cache entry).
+def peak_blocks(seq: Sequence, num_layers: int, num_kv_heads: int, block_size: int) -> tuple[int, int]:
+    """Blocks `seq` holds at its largest over every head of every layer (cache entry):
+    (before its policy compresses, after). Once it has compressed, only the second is
+    still to come. Without compression both are the end of the generation.
 
     Compressed heads get one block of slack each: Ada-KV moves budget between the heads
     of a layer, so a head may keep more than the mean, and each head rounds up a block."""
@@ -28,7 +31,8 @@ def peak_blocks(seq: Sequence, num_layers: int, num_kv_heads: int, block_size: i
 
     policy, prompt, new = seq.policy, seq.num_prompt_tokens, seq.params.max_tokens
     if not policy.compresses:
-        return num_layers * num_kv_heads * blocks(prompt + new)
+        end = num_layers * num_kv_heads * blocks(prompt + new)
+        return end, end
     compressed = seq.compress_at  # the prompt, or a shared prefix; what follows a prefix is kept whole
     seen = torch.tensor([compressed])
     budget = policy.budget.per_head(seen)
@@ -39,4 +43,4 @@ def peak_blocks(seq: Sequence, num_layers: int, num_kv_heads: int, block_size: i
         if seq.max_kv_tokens is not None:
             tokens = min(tokens, max(seq.max_kv_tokens, kept + prompt - compressed))
         after += num_kv_heads * (blocks(tokens) + 1)
-    return max(num_layers * num_kv_heads * blocks(prompt), after)
+    return max(num_layers * num_kv_heads * blocks(prompt), after), after

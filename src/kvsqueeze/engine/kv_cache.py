@@ -15,7 +15,9 @@ prompt chunk is compressed as soon as it has run instead (bounded peak KV).
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -24,11 +26,46 @@ from kvsqueeze.engine.decode_eviction import evict_heads
 from kvsqueeze.engine.scheduler import ScheduledChunk
 from kvsqueeze.ops import dense_causal_attention, policy_scores
 from kvsqueeze.ops.cpu_extension import cpu_kernels_available
-from kvsqueeze.ops.cpu_paged_decode import next_slots_cpu, paged_decode_cpu
+from kvsqueeze.ops.cpu_paged_decode import append_decode_cpu, paged_decode_cpu
 from kvsqueeze.ops.padded_attention import padded_attention
 from kvsqueeze.policy import ScoreInput
 from kvsqueeze.store import BlockPool, PagedKV
 from kvsqueeze.store.paged_kv import append_step, step_slots
+
+
+@dataclass
+class DecodeRows:
+    """The step's one-token rows that attend over what their sequence has stored (every
+    layer of a step has the same ones, so they are worked out once per step)."""
+
+    chunks: list[int]  # indices into the step's chunks
+    others: list[int]  # the step's other chunks (prompt chunks), each attended on its own
+    starts: list[int]  # where every chunk's rows start in the flat token batch (and the end)
+    rows: slice | torch.Tensor  # their rows of the flat token batch (a slice when contiguous)
+    layers: list[list[PagedKV | None]]  # each one's stores, per cache entry
+    positions: torch.Tensor  # [rows] int64, each new token's position
+    capped: list[int]  # positions in `chunks` of sequences decoding under a per-head cap
+
+    @classmethod
+    def of(cls, chunks: list[ScheduledChunk], blocks: BlockManager) -> DecodeRows:
+        starts = list(itertools.accumulate((c.num_tokens for c in chunks), initial=0))
+        picked = [i for i, c in enumerate(chunks) if c.num_tokens == 1 and not c.scored and c.seq.seq_id in blocks.kv]
+        return cls(
+            chunks=picked,
+            others=sorted(set(range(len(chunks))) - set(picked)),
+            starts=starts,
+            rows=_rows([starts[i] for i in picked]),
+            layers=[blocks.kv[chunks[i].seq.seq_id] for i in picked],
+            positions=torch.tensor([chunks[i].start for i in picked], dtype=torch.int64),
+            capped=[j for j, i in enumerate(picked) if chunks[i].seq.max_kv_tokens is not None],
+        )
+
+
+def _rows(rows: list[int]) -> slice | torch.Tensor:
+    """Rows of a tensor: a slice (a view) when they are contiguous, as decode rows usually are."""
+    if rows and rows == list(range(rows[0], rows[0] + len(rows))):
+        return slice(rows[0], rows[0] + len(rows))
+    return torch.tensor(rows, dtype=torch.int64)
 
 
 class PagedCompressedCache:
@@ -49,6 +86,7 @@ class PagedCompressedCache:
         # Decode on the CPU reads the blocks in place and appends through the C++ kernels (ops/csrc).
         self.cpu_kernels = blocks.pool.device.type == "cpu" and cpu_kernels_available()
         self.chunks: list[ScheduledChunk] = []
+        self.decode = DecodeRows.of([], blocks)
         self._prompt_queries: dict[tuple[int, int], list[torch.Tensor]] = {}  # (seq, layer) -> [n, hq, d] chunks
         self._recent: dict[tuple[int, int], torch.Tensor] = {}  # (seq, layer) -> last queries [hq, w, d]
         self._evictions: list[Callable[[], object]] = []  # waiting for the entry's last reader
@@ -57,6 +95,7 @@ class PagedCompressedCache:
     def begin_step(self, chunks: list[ScheduledChunk]) -> None:
         """The chunks the next forward runs, in the order of its flat token batch."""
         self.chunks = chunks
+        self.decode = DecodeRows.of(chunks, self.blocks)
 
     def free(self, seq_id: int) -> None:
         """Return a finished or preempted sequence's blocks (and forget its pending queries)."""
@@ -83,30 +122,26 @@ class PagedCompressedCache:
         over the entry its group's first layer stored this step and stores nothing.
         Returns [T', q_heads, d]."""
         out = torch.empty_like(q)
-        decode: list[tuple[int, int, PagedKV, ScheduledChunk]] = []  # (key row, query row, store, chunk)
-        offset = q_offset = 0
-        entry = self.kv_entries[layer_idx]
-        for i, chunk in enumerate(self.chunks):
-            n, seq = chunk.num_tokens, chunk.seq
-            m = n if query_lens is None else query_lens[i]
-            store = self.blocks.layer(seq.seq_id, entry)
-            if n == 1 and store is not None and not (writes and chunk.scored):
-                decode.append((offset, q_offset, store, chunk))
-            else:
-                span, q_span = slice(offset, offset + n), slice(q_offset, q_offset + m)
-                out[q_span] = self._chunk(layer_idx, chunk, q[q_span], k[span], v[span], store, writes)
-            offset, q_offset = offset + n, q_offset + m
-        if decode:
-            rows, q_rows = torch.tensor([r for r, _, _, _ in decode]), torch.tensor([r for _, r, _, _ in decode])
-            stores, positions = [s for _, _, s, _ in decode], [c.start for _, _, _, c in decode]
+        entry, decode, starts = self.kv_entries[layer_idx], self.decode, self.decode.starts
+        query_starts = starts if query_lens is None else list(itertools.accumulate(query_lens, initial=0))
+        for i in decode.others:
+            chunk = self.chunks[i]
+            span, q_span = slice(starts[i], starts[i + 1]), slice(query_starts[i], query_starts[i + 1])
+            store = self.blocks.layer(chunk.seq.seq_id, entry)
+            out[q_span] = self._chunk(layer_idx, chunk, q[q_span], k[span], v[span], store, writes)
+        if decode.chunks:
+            # SwiftKV's upper layers run fewer query rows than key rows before a decode row.
+            q_rows = decode.rows if query_lens is None else _rows([query_starts[i] for i in decode.chunks])
+            stores = [layers[entry] for layers in decode.layers]
             if writes:
-                fast = next_slots_cpu if self.cpu_kernels else None
-                append_step(stores, k[rows].flatten(0, 1), v[rows].flatten(0, 1), positions, fast)
-            out[q_rows] = self._decode(q[q_rows], stores, positions, self.sliding_windows[layer_idx])
+                new_k, new_v = k[decode.rows].flatten(0, 1), v[decode.rows].flatten(0, 1)
+                append_step(stores, new_k, new_v, decode.positions, append_decode_cpu if self.cpu_kernels else None)
+            queries = q[q_rows]
+            out[q_rows] = self._decode(queries, stores, decode.positions, self.sliding_windows[layer_idx])
             if writes:
-                for _, row, store, chunk in decode:
-                    if chunk.seq.max_kv_tokens is not None:  # the hot path skips sequences without a cap
-                        self._later(self._bound, layer_idx, chunk, store, q[row : row + 1])
+                for j in decode.capped:
+                    chunk = self.chunks[decode.chunks[j]]
+                    self._later(self._bound, layer_idx, chunk, stores[j], queries[j : j + 1])
         if layer_idx + 1 == self.num_layers or self.kv_entries[layer_idx + 1] != entry:
             for evict in self._evictions:  # every layer that reads the entry has attended
                 evict()
@@ -174,16 +209,26 @@ class PagedCompressedCache:
             self._prompt_queries.setdefault(key, []).append(q)
             if chunk.compresses:
                 queries = torch.cat(self._prompt_queries.pop(key))
-                self._later(self._compress, layer_idx, chunk, store, queries)
+                # A prompt that ran as one chunk is these keys and values: no gather of the store.
+                dense = (keys, values) if first else None
+                self._later(self._compress, layer_idx, chunk, store, queries, dense)
                 self._later(self._bound, layer_idx, chunk, store, queries)
         else:
             self._later(self._bound, layer_idx, chunk, store, q)
         return out.transpose(0, 1)
 
-    def _compress(self, layer_idx: int, chunk: ScheduledChunk, store: PagedKV, queries: torch.Tensor) -> None:
-        """Score the whole prompt, or its shared prefix (all heads hold it uncompressed), and evict."""
+    def _compress(
+        self,
+        layer_idx: int,
+        chunk: ScheduledChunk,
+        store: PagedKV,
+        queries: torch.Tensor,
+        dense: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
+        """Score the whole prompt, or its shared prefix (all heads hold it uncompressed), and
+        evict. `dense`: the keys and values [hkv, t, d] the store holds, when at hand."""
         policy = chunk.seq.policy
-        keys, values, _, _ = store.padded()  # [hkv, t, d]
+        keys, values = dense if dense is not None else store.padded()[:2]  # [hkv, t, d]
         t = keys.shape[1]
         x = ScoreInput(
             queries.transpose(0, 1)[None],
@@ -211,7 +256,9 @@ class PagedCompressedCache:
         if chunk.compresses:
             self._bound(layer_idx, chunk, store, q)
 
-    def _decode(self, q: torch.Tensor, stores: list[PagedKV], positions: list[int], window: int | None) -> torch.Tensor:
+    def _decode(
+        self, q: torch.Tensor, stores: list[PagedKV], positions: torch.Tensor, window: int | None
+    ) -> torch.Tensor:
         """One new token per sequence: every sequence's heads in one SDPA over one gather."""
         r, hq, d = q.shape
         hkv = stores[0].num_heads
@@ -219,7 +266,7 @@ class PagedCompressedCache:
             grouped = q.view(r, hkv, hq // hkv, d)
             return paged_decode_cpu(grouped, stores, positions, self.scaling, window, window is not None).view(r, hq, d)
         slots, live = step_slots(stores)  # [r * hkv, L]
-        q_pos = torch.tensor(positions).repeat_interleave(hkv)[:, None]  # [r * hkv, 1]
+        q_pos = positions.repeat_interleave(hkv)[:, None]  # [r * hkv, 1]
         grouped = q.view(r * hkv, hq // hkv, 1, d)
         out = _gathered_attention(grouped, stores[0].pool, slots, live, q_pos, self.scaling, window, window is not None)
         return out.view(r, hq, d)

@@ -3,7 +3,10 @@
 
 Every step runs the running sequences first (one token each in decode, the next
 chunk of a prompt otherwise), oldest first, then admits waiting sequences while the
-step's token budget and the pool allow. A prompt's last chunk ends exactly at the
+step's token budget and the pool allow. The budget is for prompt tokens: decode rows
+ride along outside it (max_num_seqs bounds them), so a prompt that fits the budget
+runs as one chunk, attending over itself, instead of being cut where the decodes of
+the step end (a second chunk must attend over a gather of everything stored). A prompt's last chunk ends exactly at the
 prompt, so its policy compresses the whole prompt at once, as the HF path does (a
 shared prefix's end is a chunk boundary too). A waiting sequence whose prefix is
 cached starts after it, on forked blocks; one whose prefix another sequence is
@@ -79,13 +82,15 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self.reserve = reserve
-        self._peaks: dict[int, int] = {}  # seq_id -> peak_blocks, for running sequences
+        self._peaks: dict[int, tuple[int, int]] = {}  # seq_id -> peak_blocks (before, after compression)
 
     def _peak(self, seq: Sequence) -> int:
+        """Blocks the sequence may still come to hold at once (footprint.py)."""
         if seq.seq_id not in self._peaks:
             b = self.blocks
             self._peaks[seq.seq_id] = peak_blocks(seq, b.num_layers, b.num_kv_heads, b.block_size)
-        return self._peaks[seq.seq_id]
+        before, after = self._peaks[seq.seq_id]
+        return after if seq.num_computed >= seq.compress_at else before
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -128,7 +133,8 @@ class Scheduler:
         for seq in list(self.running):
             if seq.status is not SequenceStatus.RUNNING:  # preempted earlier in this loop
                 continue
-            n = self._next_chunk(seq, budget)
+            decoding = not seq.in_prefill
+            n = 1 if decoding else self._next_chunk(seq, budget)
             if n == 0:
                 continue
             need = self.blocks.blocks_for(seq.seq_id, n)
@@ -144,7 +150,7 @@ class Scheduler:
                 continue
             chunks.append(ScheduledChunk(seq, n))
             scheduled.add(seq.seq_id)
-            budget -= n
+            budget -= 0 if decoding else n
             reserved += need
         prefixes = self.blocks.prefixes
         committed = sum(self._peak(s) for s in self.running) if self.reserve else 0

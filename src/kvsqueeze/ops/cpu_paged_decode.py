@@ -45,8 +45,26 @@ def paged_decode_cpu(
     )
 
 
-def next_slots_cpu(stores: Sequence[PagedKV]) -> torch.Tensor:
-    """store/paged_kv.py's step_next_slots in one C++ call (append_step's `next_slots`)."""
-    return require_cpu_extension().next_slots(
-        [kv.host_table for kv in stores], [kv.host_lengths for kv in stores], stores[0].block_size
+def append_decode_cpu(
+    stores: Sequence[PagedKV], keys: torch.Tensor, values: torch.Tensor, positions: Sequence[int] | torch.Tensor
+) -> torch.Tensor:
+    """store/paged_kv.py's append_step in one C++ call (its `kernel`): every head of every
+    store gets its entry keys/values[row] (rows store-major, in the pool's dtype) at
+    positions[store], lengths grow in place; or, when some head's last block is full,
+    nothing is written and those heads' rows come back (int64) to be given blocks first."""
+    pool = stores[0].pool
+    if not isinstance(positions, torch.Tensor):
+        positions = torch.tensor(list(positions), dtype=torch.int64)
+    return require_cpu_extension().append_decode(
+        pool.keys, pool.values, pool.positions,
+        [kv.host_table for kv in stores], [kv.num_blocks for kv in stores],
+        [kv.host_lengths for kv in stores], [kv.lengths for kv in stores],
+        keys, values, positions,
+    )  # fmt: skip
+
+
+def blocks_needed_cpu(stores: Sequence[PagedKV], n_tokens: int) -> int:
+    """Blocks the stores' heads must take to grow by n_tokens each (BlockManager.blocks_for)."""
+    return require_cpu_extension().blocks_needed(
+        [kv.host_lengths for kv in stores], [kv.num_blocks for kv in stores], n_tokens, stores[0].block_size
     )

@@ -392,24 +392,33 @@ def append_step(
     keys: torch.Tensor,
     values: torch.Tensor,
     positions: list[int],
-    next_slots: Callable[[Sequence[PagedKV]], torch.Tensor] | None = None,
+    kernel: Callable[..., torch.Tensor] | None = None,
 ) -> None:
     """One decode step of many sequences: one new entry for every head of every store
     (all over the same pool), in one write into the pool. keys/values [stores x heads, d];
     positions[i] is store i's new position. Blocks are taken only by heads whose last
-    block is full. This runs for every layer of every decode step: `next_slots` may be
-    a faster form of step_next_slots (the engine passes the CPU kernel's)."""
+    block is full. This runs for every layer of every decode step: `kernel` may do the
+    writing in one call (the engine passes the CPU kernel's, ops/cpu_paged_decode.py):
+    kernel(stores, keys, values, positions) writes every entry and returns nothing, or
+    writes nothing and returns the heads (rows across the stores) that need a block."""
     pool = stores[0].pool
-    size, d = pool.block_size, pool.head_dim
+    heads = stores[0].num_heads
+    if kernel is not None:
+        keys, values = keys.to(pool.dtype).contiguous(), values.to(pool.dtype).contiguous()
+        full = kernel(stores, keys, values, positions)
+        if full.numel():
+            _take_one_block_each(stores, heads, full.tolist())
+            kernel(stores, keys, values, positions)
+        return
     lengths = torch.cat([kv._host_lengths for kv in stores])
-    heads = len(lengths) // len(stores)
-    full = lengths >= torch.cat([kv._num_blocks for kv in stores]) * size  # the head's last block is full
+    full = lengths >= torch.cat([kv._num_blocks for kv in stores]) * pool.block_size  # the head's last block is full
     if bool(full.any()):
         _take_one_block_each(stores, heads, full.nonzero().flatten().tolist())
-    index = (next_slots or step_next_slots)(stores).to(pool.device)
+    index = step_next_slots(stores).to(pool.device)
     for kv in stores:
         kv._host_lengths = kv._host_lengths + 1
         kv._lengths = kv._lengths + 1
+    d = pool.head_dim
     pool.keys.view(-1, d)[index] = keys.to(pool.dtype)
     pool.values.view(-1, d)[index] = values.to(pool.dtype)
     pool.positions.view(-1)[index] = torch.tensor(positions, dtype=torch.int32).repeat_interleave(heads).to(pool.device)

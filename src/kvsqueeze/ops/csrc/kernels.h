@@ -8,7 +8,12 @@ torch::Tensor paged_decode(torch::Tensor query, torch::Tensor keys, torch::Tenso
                            std::vector<torch::Tensor> tables, std::vector<torch::Tensor> lengths,
                            torch::Tensor query_positions, double scale, int64_t window, bool masked);
 
-torch::Tensor next_slots(std::vector<torch::Tensor> tables, std::vector<torch::Tensor> lengths, int64_t block_size);
+int64_t blocks_needed(std::vector<torch::Tensor> lengths, std::vector<torch::Tensor> num_blocks, int64_t n_tokens,
+                      int64_t block_size);
+torch::Tensor append_decode(torch::Tensor pool_keys, torch::Tensor pool_values, torch::Tensor pool_positions,
+                            std::vector<torch::Tensor> tables, std::vector<torch::Tensor> num_blocks,
+                            std::vector<torch::Tensor> host_lengths, std::vector<torch::Tensor> lengths,
+                            torch::Tensor keys, torch::Tensor values, torch::Tensor positions);
 
 torch::Tensor rms_norm_bf16(torch::Tensor x, torch::Tensor weight, double eps);
 torch::Tensor silu_mul_bf16(torch::Tensor gate_up);
