@@ -74,21 +74,59 @@ def test_blocks_never_hold_more_than_one_block_in_full_precision():
     assert sizes[-1] == int(kv.residual.lengths.max())
 
 
+def block_widths(kv: QuantizedKV, block: int) -> list[int]:
+    """Widths of the quantized blocks (the residual's left out): the broadcast-scales
+    shortcut cuts blocks at whole key groups, the general path at `block` entries."""
+    widths = [keys.shape[1] for keys, _, _, _ in kv.blocks(block)]
+    return widths[:-1] if int(kv.residual.lengths.max()) else widths
+
+
+def check(kv: QuantizedKV, seed: int = 0) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    query = torch.randn(kv.num_heads, 3, 1, D, generator=gen)
+    q_pos = torch.full((kv.num_heads, 1), 200)
+    want = ragged_attention_reference(query, kv.dequantized(), q_pos, D**-0.5)
+    for block in (5, 20, 512):
+        got = quantized_attention_reference(query, kv, q_pos, D**-0.5, block=block)
+        torch.testing.assert_close(got, want, **TOL)
+
+
 @pytest.mark.parametrize("bits", [8, 4, 2])
 def test_the_shortcut_layouts_equal_the_general_path(bits):
-    """Equal heads with whole groups (a batch without per-head budgets) take the strided
-    view and broadcast scales; evicting one entry takes them off both shortcuts."""
+    """Equal heads filling whole groups take the strided view and broadcast scales;
+    heads whose first group is short (the prefill's oldest n % G entries, or shrunk by
+    eviction) keep broadcast scales over gathered codes; eviction inside a later group
+    takes them to the general path. Every layout equals the dequantized reference."""
+    g = 8
     gen = torch.Generator().manual_seed(bits)
-    keys, values = torch.randn(4, 75, D, generator=gen), torch.randn(4, 75, D, generator=gen)
-    kv = QuantizedKV.from_dense(
-        keys, values, torch.ones(4, 75, dtype=torch.bool), quantizer=KVQuantizer(bits=bits, group=8), residual_len=6
-    )
-    query = torch.randn(4, 3, 1, D, generator=gen)
-    q_pos = torch.full((4, 1), 80)
-    for _ in range(2):
-        got = quantized_attention_reference(query, kv, q_pos, D**-0.5, block=20)
-        want = ragged_attention_reference(query, kv.dequantized(), q_pos, D**-0.5)
-        torch.testing.assert_close(got, want, **TOL)
-        keep = torch.ones(4, 75, dtype=torch.bool)
-        keep[2, 9] = False
-        kv.evict(keep)
+    keys, values = torch.randn(4, 120, D, generator=gen), torch.randn(4, 120, D, generator=gen)
+    q = KVQuantizer(bits=bits, group=g)
+
+    whole = QuantizedKV.from_dense(keys[:, :72], values[:, :72], torch.ones(4, 72, dtype=torch.bool), quantizer=q)
+    assert block_widths(whole, 5) == [8] * 9  # shortcut: blocks of whole groups (5 rounded up to 8)
+    check(whole)
+
+    short = QuantizedKV.from_dense(keys[:, :75], values[:, :75], torch.ones(4, 75, dtype=torch.bool), quantizer=q)
+    assert short.groups.positions[:2].tolist() == [3, 8] and block_widths(short, 5) == [8] * 10
+    check(short)
+
+    ragged_keep = torch.arange(120)[None, :] < torch.tensor([0, 13, 64, 101])[:, None]
+    ragged = QuantizedKV.from_dense(keys, values, ragged_keep, quantizer=q, residual_len=6)
+    assert block_widths(ragged, 5) == [8] * 13
+    check(ragged)
+    for i in range(120, 140):  # decoded groups after the short first ones: still the shortcut
+        ragged.append(keys[:, i % 120 : i % 120 + 1], values[:, i % 120 : i % 120 + 1], torch.tensor([i]))
+    assert ragged.codes.lengths.tolist() == [g, 13 + g, 64 + g, 101 + g] and block_widths(ragged, 5) == [8] * 14
+    check(ragged, seed=1)
+
+    keep = torch.ones(4, 121, dtype=torch.bool)
+    keep[2, 0] = keep[3, 1] = False  # inside first groups: the shortcut holds, shifted further
+    ragged.evict(keep)
+    assert block_widths(ragged, 5) == [8] * 14
+    check(ragged, seed=2)
+    keep[2, 0] = keep[3, 1] = True
+    keep[2, 40] = False  # inside a whole group: the general path
+    ragged.evict(keep)
+    longest = int(ragged.codes.lengths.max())
+    assert longest == 108 and block_widths(ragged, 5) == [5] * 21 + [3]
+    check(ragged, seed=3)

@@ -31,7 +31,7 @@ def test_generate_reports_the_quantized_cache_bytes(runner):
     quant = json.loads(generate(runner, "--json", "--policy", "ada-snapkv", "--keep", "0.5", "--kv-bits", "4").stdout)
     assert full["kv_quantization"] == "kv16" and quant["kv_quantization"] == "kv4 g32 r128"
     assert quant["kv_bytes_full"] == full["kv_bytes_full"]
-    # Half the tokens, 128 of each head's 180 in the fp32 residual, the rest at 4 bits.
+    # Half the tokens, every one quantized at 4 bits (the prefill is quantized whole).
     assert quant["kv_bytes_stored"] < 0.45 * full["kv_bytes_stored"]
     plain = generate(runner, "--kv-bits", "2", "--kv-residual", "0", "--kv-group", "16")
     assert plain.exit_code == 0 and "kv2 g16 r0" in plain.stderr
@@ -79,5 +79,5 @@ def test_bench_compares_kv_bits_in_one_run(runner):
     assert result.exit_code == 0, result.stderr
     rows = {row["policy"]: row for row in json.loads(result.stdout)}
     assert set(rows) == {"full", "full kv4 g32 r16"}
-    # 256 of 300 tokens quantized, 44 + slack in the fp32 residual (R + G = 48 at most).
+    # All 300 prompt tokens quantized; the 2 decoded ones (+ slack) in the fp32 residual.
     assert rows["full kv4 g32 r16"]["kv_bytes_stored"] < 0.4 * rows["full"]["kv_bytes_stored"]

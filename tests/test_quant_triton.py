@@ -51,3 +51,21 @@ def test_a_query_that_sees_nothing_gets_zeros_and_bad_shapes_are_refused():
     assert torch.equal(got, torch.zeros_like(got))
     with pytest.raises(ValueError, match="one query per head"):
         quantized_decode_attention(query.expand(-1, -1, 2, -1), kv, 0.2, torch.zeros(kv.num_heads, 2))
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_fused_kernel_reads_a_store_fresh_from_the_prefill(bits):
+    """Right after the prefill: no residual, each head's first key group short (its
+    oldest n % G entries), int16 positions."""
+    gen = torch.Generator().manual_seed(bits)
+    heads, t = 4, 45
+    keys, values = torch.randn(heads, t, D, generator=gen), torch.randn(heads, t, D, generator=gen)
+    keep = torch.arange(t)[None, :] < torch.tensor([0, 3, 16, 45])[:, None]
+    kv = QuantizedKV.from_dense(keys, values, keep, quantizer=KVQuantizer(bits=bits, group=8), residual_len=5)
+    assert kv.residual.num_tokens == 0 and kv.codes.positions.dtype == torch.int16
+    assert kv.groups.positions.tolist() == [3, 8, 8, 5, 8, 8, 8, 8, 8]
+    query = torch.randn(heads, 3, 1, D, generator=gen)
+    q_pos = torch.full((heads, 1), t)
+    got = quantized_decode_attention(query, kv, D**-0.5, q_pos)
+    want = quantized_attention_reference(query, kv, q_pos, D**-0.5)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -137,7 +137,8 @@ class KVSqueezeCache(Cache):
     `with use_kvsqueeze_attention(model):`. `on_prefill(layer_idx, prefill)` is called
     with every layer's dense prefill before it is compressed (hf/prefill.py records it).
     `kv_bits` 8, 4 or 2 stores the kept entries KIVI-quantized in groups of `kv_group`
-    with the `kv_residual` newest of each head in full precision (store/quantized_kv.py);
+    (the whole prefill; the `kv_residual` newest decoded entries of each head stay in
+    full precision until a group fills: store/quantized_kv.py);
     `kv_key_axis="token"` is the naive per-token baseline. 16 stores them unquantized.
     """
 

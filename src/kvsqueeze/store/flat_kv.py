@@ -3,10 +3,10 @@
 All heads share one [slots, head_dim] key buffer and one value buffer. Head h owns
 the slots [starts[h], starts[h] + capacity[h]); its live entries are the first
 lengths[h] of them, in the order they were seen, with the original position of each
-kept in `positions` (int32; -1 marks a free slot). Batch > 1 is batch folded into
-heads: nothing is padded to the longest head. Besides K/V, a slot costs only its
-4-byte position: which head owns a slot is derived from the per-head starts when
-(rarely) it is needed, never stored per slot.
+kept in `positions` (int32, or int16 where a QuantizedKV chose it; -1 marks a free
+slot). Batch > 1 is batch folded into heads: nothing is padded to the longest head.
+Besides K/V, a slot costs only its position: which head owns a slot is derived from
+the per-head starts when (rarely) it is needed, never stored per slot.
 
 Appending gives every head free slots of slack when one runs out. The slack is
 layer-wide (the same for every head, a fraction of the mean head length) because a
@@ -165,7 +165,7 @@ class FlatKV(KVStore):
             keys, values, positions = keys[valid], values[valid], positions[valid]
         self.keys[slots] = keys.to(self.keys.dtype)
         self.values[slots] = values.to(self.values.dtype)
-        self.positions[slots] = positions.to(torch.int32)
+        self.positions[slots] = positions.to(self.positions.dtype)  # int32, or int16 in a QuantizedKV
         self._lengths += added
 
     def make_room(self, q: int, valid: torch.Tensor | None = None) -> torch.Tensor:

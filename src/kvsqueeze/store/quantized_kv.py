@@ -1,12 +1,31 @@
-"""QuantizedKV: a layer's kept K/V as KIVI codes, the newest entries in full precision.
+"""QuantizedKV: a layer's kept K/V as KIVI codes, the newest decoded entries in full precision.
 
-KIVI (arXiv 2402.02750) quantizes keys per channel over groups of G tokens, so a
-key can be quantized only once its group is complete; until then, and for the R most
-recent tokens (the ones attention leans on most), entries stay in full precision.
-Each head here is an ordered run of quantized entries followed by a full-precision
-residual run: a head's residual holds between R and R + G - 1 entries (fewer only
-while the head is short or after eviction), and an append that brings it to R + G
-quantizes its oldest G entries as one group.
+KIVI (arXiv 2402.02750) quantizes keys per channel over groups of G tokens and values
+per token over groups of channels; the R most recent tokens stay in full precision
+until a group fills, because attention during decoding leans on them most. Here:
+
+- The prefill is quantized whole: every entry a policy kept, in key groups counted
+  from each head's newest entry back, so a head of n entries holds n // G whole groups
+  and, when G does not divide n, one shorter *first* group (its oldest n % G entries)
+  with its own scales and zero points. Nothing of the prompt stays in full precision:
+  a full-precision tail would cost (R + up to G - 1) tokens at 2 bytes an element, 6-8%
+  of a 2k-token cache and a quarter of a head that keeps 512, and a large key group
+  (the compact setting, G = 256) would leave hundreds of entries of a compressed head
+  unquantized.
+- Decoded entries go to a full-precision residual; an append that brings a head's
+  residual to R + G quantizes its oldest G entries as one group, so while decoding
+  the newest entries are exact: every decoded one until R + G, then the R to R + G - 1
+  newest (KIVI's recent window).
+
+So every key group is whole except possibly each head's first (until eviction during
+decoding shrinks others), and token i of a head is in group (i + shift) // G with
+shift = G - (first group's size): attention reads whole groups by broadcasting their
+scales (blocks()).
+
+Positions are int16 while every position the store has seen is below 2**15 (a model
+with a context of at most 32k, e.g. SmolLM2's 8k: 2 bytes an entry instead of 4, 1.6%
+of a bf16 K/V pair at head_dim 64), int32 otherwise: an append that brings a larger
+position widens them once.
 
 Three FlatKVs (store/flat_kv.py) hold it, so ragged heads, slack on growth and
 compaction on eviction are FlatKV's:
@@ -20,6 +39,12 @@ compaction on eviction are FlatKV's:
 
 Policies score the full-precision prefill; `from_dense` then quantizes only what
 they kept (evict, then quantize). Eviction later works on quantized entries in place.
+
+Bytes per entry and head at head_dim d, b bits: 2·d·b/8 codes, 4·d/G key scale and
+zero, 4·d/min(G, d) value scale and zero, 2 (int16) position. At d = 64 and G = 256
+(value groups span the whole head) that is 135 / 71 / 39 bytes at int8 / int4 / int2
+against 256 for a bf16 K/V pair: 0.527 / 0.277 / 0.152 of full; at the default
+G = 32: 0.570 / 0.320 / 0.195.
 """
 
 from __future__ import annotations
@@ -32,13 +57,20 @@ from typing import Literal
 import torch
 
 from kvsqueeze.store.base import KVStore
-from kvsqueeze.store.flat_kv import FlatKV, run_indices
+from kvsqueeze.store.flat_kv import FlatKV
 from kvsqueeze.store.quantize import KVQuantizer, unpack
 
 # Bounds that turn a mistyped flag into an error rather than a store that never
 # quantizes anything or an overflow in index math.
 MAX_GROUP = 4096
 MAX_RESIDUAL = 2**20
+# The largest position int16 holds: positions up to it are stored in 2 bytes.
+INT16_POSITION_MAX = 2**15 - 1
+
+
+def position_dtype(max_position: int) -> torch.dtype:
+    """int16 when every position is at most INT16_POSITION_MAX, else int32."""
+    return torch.int16 if max_position <= INT16_POSITION_MAX else torch.int32
 
 
 class QuantizedKV(KVStore):
@@ -61,26 +93,26 @@ class QuantizedKV(KVStore):
         residual_len: int = 128,
     ) -> QuantizedKV:
         """Keep entries keep[h, t] of dense keys/values [heads, tokens, d] (as
-        FlatKV.from_dense), then quantize each head's oldest kept entries in whole
-        groups, leaving at least `residual_len` of its newest in full precision."""
+        FlatKV.from_dense), then quantize all of them: each head's key groups counted
+        from its newest entry back, the oldest n % G entries a shorter first group.
+        `residual_len` is the full-precision window decode appends fill (append())."""
         if residual_len < 0:
             raise ValueError(f"the residual window must be >= 0 tokens, got {residual_len}")
-        d, g = keys.shape[-1], quantizer.group
+        d = keys.shape[-1]
         quantizer.code_bytes(d)  # a head_dim the quantizer cannot split fails here, not mid-decode
-        full = FlatKV.from_dense(keys, values, keep, positions)
-        n_quant = (full.lengths - residual_len).clamp_min(0) // g * g
-        slots, _ = run_indices(full.starts, n_quant)
-        heads = full.num_heads
-        # Heads' quantized runs are whole groups, so their concatenation is [groups, G, d].
-        key_part, scale, zero = _quantize_keys(quantizer, full.keys[slots].view(-1, g, d))
-        value_rows = quantizer.quantize_rows(full.values[slots])
-        codes = FlatKV(key_part.flatten(0, 1), value_rows, full.positions[slots], n_quant, n_quant.clone())
-        n_groups = n_quant // g if quantizer.keys_per_channel else torch.zeros_like(n_quant)
-        counts = torch.full((len(scale),), g, dtype=torch.int32, device=keys.device)
+        full = FlatKV.from_dense(keys, values, keep, positions)  # tight: head h's run starts where h - 1's ends
+        lengths = full.lengths
+        if quantizer.keys_per_channel:
+            key_part, scale, zero, counts, n_groups = _quantize_runs(quantizer, full.keys, lengths)
+        else:
+            key_part, scale, zero = _quantize_keys(quantizer, full.keys)
+            counts, n_groups = torch.zeros(0, dtype=torch.int32, device=keys.device), torch.zeros_like(lengths)
+        pos = full.positions.to(position_dtype(full.max_position()))
+        codes = FlatKV(key_part, quantizer.quantize_rows(full.values), pos, lengths, lengths.clone())
         groups = FlatKV(scale, zero, counts, n_groups, n_groups.clone())
-        index = torch.arange(keep.shape[-1], device=keys.device).expand(heads, -1)
-        full.evict(index >= n_quant[:, None])  # what stays is the residual
-        return cls(quantizer, residual_len, codes, groups, full)
+        none = torch.zeros_like(lengths)
+        residual = FlatKV(keys.new_empty((0, d)), values.new_empty((0, d)), pos[:0].clone(), none, none.clone())
+        return cls(quantizer, residual_len, codes, groups, residual)
 
     # ---------------------------------------------------------------- queries
     @property
@@ -118,7 +150,7 @@ class QuantizedKV(KVStore):
         return (
             torch.cat([keys.to(self.dtype), r_keys]),
             torch.cat([q.dequantize_rows(value_rows, d).to(self.dtype), r_values]),
-            torch.cat([positions, r_positions]),
+            torch.cat([positions, r_positions]).to(torch.int32),  # a copy: int32 whatever the store holds
         )
 
     def dequantized(self) -> FlatKV:
@@ -138,23 +170,30 @@ class QuantizedKV(KVStore):
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Every head's entries about `block` at a time, as (keys [heads, b, d], values,
         positions [heads, b], live [heads, b]) padded across heads: the quantized runs
-        dequantized one block at a time, then the residual. Only one block is ever in
-        full precision.
+        dequantized one block at a time, then the residual (when it holds any). Only
+        one block is ever in full precision.
 
-        Two common layouts take shortcuts: when every head has the same capacity (a
-        batch without per-head budgets) a block is a strided view of the codes, not a
-        gather; when no group has lost entries to eviction (always, short of eviction
-        during decoding) token i's key group is i // G and a block of whole groups
-        scales its codes by broadcasting, with no per-token gather of scales."""
+        Two common layouts take shortcuts. When every group of a head is whole but its
+        first (always, short of eviction inside later groups during decoding), head h's
+        entry i is in group (i + shift[h]) // G: blocks are cut at whole groups of that
+        shifted index (the first `shift` slots of a head's first group are padding) and
+        scale their codes by broadcasting, with no per-token gather of scales. When, in
+        addition, no head is shifted and every head has the same capacity (a batch
+        without per-head budgets whose prompt fills whole groups), a block of codes is a
+        strided view, not a gather."""
         heads, d, q = self.num_heads, self.head_dim, self.quantizer
         lengths = self.codes.lengths
         longest = int(lengths.max()) if heads else 0
+        aligned = shifted = uniform = False
         if longest:
             scale, zero, counts, group_live = self.groups.padded()
             g = q.group
-            aligned = q.keys_per_channel and bool((counts[group_live] == g).all())
-            block = -(-block // g) * g if aligned else block
+            aligned = q.keys_per_channel and bool((counts[:, 1:][group_live[:, 1:]] == g).all())
             if aligned:
+                shift = torch.where(group_live[:, 0], g - counts[:, 0].long(), 0)
+                shifted = bool(shift.any())
+                longest = int((lengths + shift).max())  # a whole number of groups
+                block = -(-block // g) * g
                 scale, zero = scale.to(dtype), zero.to(dtype)
             elif q.keys_per_channel:
                 # End (exclusive) of each group within its head's run; padding groups add nothing.
@@ -162,11 +201,15 @@ class QuantizedKV(KVStore):
                 first_group = torch.arange(heads, device=lengths.device)[:, None] * scale.shape[1]
                 scale, zero = scale.flatten(0, 1), zero.flatten(0, 1)
             capacity = self.codes.capacity
-            uniform = bool((capacity == capacity[0]).all())
+            uniform = not shifted and bool((capacity == capacity[0]).all())
         for start in range(0, longest, block):
             stop = min(start + block, longest)
             index = torch.arange(start, stop, device=lengths.device).expand(heads, -1)
-            live = index < lengths[:, None]
+            if shifted:
+                index = index - shift[:, None]
+                live = (index >= 0) & (index < lengths[:, None])
+            else:
+                live = index < lengths[:, None]
             if uniform:  # head h owns slots [h * capacity, (h + 1) * capacity): a view
                 cap = int(capacity[0])
                 key_part = self.codes.keys.view(heads, cap, -1)[:, start:stop]
@@ -176,7 +219,7 @@ class QuantizedKV(KVStore):
                 slots = torch.where(live, self.codes.slots(index), 0)
                 key_part, value_rows = _rows(self.codes.keys, slots), _rows(self.codes.values, slots)
                 positions = _rows(self.codes.positions, slots)
-            if aligned:  # stop is a whole number of groups: every quantized run is
+            if aligned:  # start and stop are whole groups of the shifted index
                 span = slice(start // g, stop // g)
                 codes = unpack(key_part, q.bits).to(dtype).unflatten(1, (-1, g))
                 keys = torch.addcmul(zero[:, span, None], codes, scale[:, span, None]).flatten(1, 2)
@@ -187,8 +230,9 @@ class QuantizedKV(KVStore):
             else:
                 keys = q.dequantize_rows(key_part, d, dtype)
             yield keys, q.dequantize_rows(value_rows, d, dtype), positions, live
-        keys, values, positions, live = self.residual.padded()
-        yield keys.to(dtype), values.to(dtype), positions, live
+        if self.num_heads and int(self.residual.lengths.max()):  # empty right after the prefill: no empty block
+            keys, values, positions, live = self.residual.padded()
+            yield keys.to(dtype), values.to(dtype), positions, live
 
     # ---------------------------------------------------------------- updates
     def append(
@@ -199,7 +243,12 @@ class QuantizedKV(KVStore):
         valid: torch.Tensor | None = None,
     ) -> None:
         """Append to the residual, then quantize a group of every head whose residual
-        reached R + G (several, for a chunk longer than G)."""
+        reached R + G (several, for a chunk longer than G). A position past int16's
+        range widens the store's positions to int32 first."""
+        if self.residual.positions.dtype != torch.int32 and positions.numel():
+            if int(positions.max()) > INT16_POSITION_MAX:
+                for part in (self.codes, self.residual):
+                    part.positions = part.positions.to(torch.int32)
         self.residual.append(keys, values, positions, valid)
         while self._flush():
             pass
@@ -235,7 +284,7 @@ class QuantizedKV(KVStore):
 
     def reserve(self, n: int) -> None:
         g = self.quantizer.group
-        self.residual.reserve(min(n, g))  # it never holds more than R + G - 1 between appends
+        self.residual.reserve(min(n, self.residual_len + g))  # it never holds more than R + G - 1 between appends
         self.codes.reserve(n)
         self.groups.reserve(n // g + 1)
 
@@ -268,6 +317,28 @@ class QuantizedKV(KVStore):
         self.residual.evict(keep.gather(1, index.clamp_max(keep.shape[1] - 1)))
 
 
+def _quantize_runs(
+    quantizer: KVQuantizer, keys: torch.Tensor, lengths: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-channel key groups of heads' runs laid end to end (keys [sum(lengths), d],
+    head h's run after h - 1's), counted from each head's newest entry back: head h
+    has ceil(n / G) groups, the first holding its oldest n - (groups - 1) * G entries.
+    Returns (codes [sum(lengths), bytes] in run order, scale [groups, d], zero [groups,
+    d], live entries per group [groups] int32, groups per head [heads])."""
+    g = quantizer.group
+    n_groups = -(-lengths // g)
+    shift = n_groups * g - lengths  # head h's entry i sits at i + shift[h] of its whole groups
+    head = torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), n_groups)
+    nth = torch.arange(len(head), device=lengths.device) - (torch.cumsum(n_groups, 0) - n_groups)[head]
+    entry = nth[:, None] * g + torch.arange(g, device=lengths.device) - shift[head, None]  # [groups, G]
+    live = entry >= 0
+    # A first group's padding slots repeat its oldest entry: the group's min and max, and
+    # so its scale and zero point, are those of its live entries alone.
+    index = (torch.cumsum(lengths, 0) - lengths)[head, None] + entry.clamp_min(0)
+    codes, scale, zero = quantizer.quantize_key_groups(keys[index])
+    return codes[live], scale, zero, live.sum(dim=1, dtype=torch.int32), n_groups
+
+
 def _quantize_keys(quantizer: KVQuantizer, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Key groups [n, G, d] to (per-entry key part [n, G, bytes], scale [n, d], zero
     [n, d]); with per-token keys the rows carry their own scales and no group has any."""
@@ -292,14 +363,24 @@ def _scatter_heads(rows: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
 
 
 KV_BITS = (16, 8, 4, 2)
+# Tokens per key group that bring int8 / int4 / int2 under 0.53 / 0.28 / 0.16 of a bf16
+# cache at head_dim 64 (0.527 / 0.277 / 0.152 with int16 positions), int4 at keep 0.25
+# under 0.08; the default 32 keeps KIVI's quality at 0.570 / 0.320 / 0.195.
+COMPACT_GROUP = 256
 
 
 @dataclass(frozen=True)
 class KVQuantConfig:
     """How a cache stores its kept K/V: `bits` 16 keeps them as they are (FlatKV);
-    8, 4 or 2 quantizes them KIVI-style (arXiv 2402.02750) in groups of `group`,
-    with the `residual` newest entries of each head in full precision. `key_axis`
-    "token" is the naive per-token baseline."""
+    8, 4 or 2 quantizes them KIVI-style (arXiv 2402.02750): keys per channel over
+    groups of `group` tokens, values per token over groups of min(`group`, head_dim)
+    channels. The prefill is quantized whole; while decoding, the `residual` to
+    `residual` + `group` - 1 newest entries of each head stay in full precision.
+    `key_axis` "token" is the naive per-token baseline.
+
+    COMPACT_GROUP (`--kv-group 256`) is the setting that meets issue 13's byte
+    targets on SmolLM2-135M (head_dim 64): value groups span the whole head and a
+    key group's scales cost one byte per token (docs/results/kv_quantization)."""
 
     bits: int = 16
     group: int = 32
