@@ -15,8 +15,6 @@ import argparse
 import json
 import time
 
-import torch
-
 from kvsqueeze.bench.bandwidth import measure_bandwidth
 from kvsqueeze.bench.engine import essay_prompts
 from kvsqueeze.engine.llm_engine import EngineArgs, LLMEngine
@@ -44,11 +42,7 @@ def decode_row(args: argparse.Namespace, policy: str, bandwidth: float) -> dict:
         start = time.perf_counter()
         engine.step()
         times.append(time.perf_counter() - start)
-    model = engine.runner.model
-    weights = [model.embed, *(t for w in model.layers for t in vars(w).values() if isinstance(t, torch.Tensor))]
-    if model.lm_head is not model.embed:
-        weights.append(model.lm_head)
-    weight_bytes = sum(t.numel() * t.element_size() for t in weights)
+    weight_bytes = engine.runner.model.weight_nbytes
     kv_bytes = engine.blocks.blocks_in_use() * engine.blocks.block_nbytes
     step_ms = 1e3 * sum(times) / len(times)
     bound_ms = 1e3 * (weight_bytes + kv_bytes) / bandwidth

@@ -84,11 +84,8 @@ def decode_ms(runner: ModelRunner, batch: int, context: int, steps: int) -> tupl
         best = min(best, time.perf_counter() - start)
     for sid in range(batch):
         runner.free(sid)
-    model = runner.model
-    weights = [model.embed if model.lm_head is model.embed else model.lm_head]
-    weights += [t for w in model.layers for t in vars(w).values() if t is not None]
     kv_bytes = 2 * batch * context * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * kv.element_size()
-    return best * 1e3, sum(t.nbytes for t in weights) + kv_bytes
+    return best * 1e3, runner.model.weight_nbytes + kv_bytes
 
 
 def main() -> None:

@@ -136,7 +136,7 @@ def test_qwen2_bias_llama3_rope_and_tied_embeddings(tmp_path):
     for arch, model in cases.items():
         folder = save_folder(model, tmp_path / arch)
         runner = ModelRunner(folder, dtype="fp32")
-        assert runner.model.layers[0].qkv_bias is not None
+        assert runner.model.layers[0].qkv.bias is not None
         seqs = prompts([80, 45])
         logits = runner.run(AttentionBatch.build([0, 1], seqs, [0, 0]))
         for row, ids in zip(logits, seqs, strict=True):

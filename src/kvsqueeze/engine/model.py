@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from kvsqueeze.engine.attention_batch import AttentionBackend, AttentionBatch
+from kvsqueeze.engine.linear import Linear, can_prepack
 from kvsqueeze.engine.rope import RotaryEmbedding
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.ops.fused_layer_ops import apply_rope, rms_norm, silu_mul
@@ -137,15 +138,12 @@ class LayerWeights:
     """One decoder layer, with q/k/v and gate/up fused into one matmul each (concatenated at load)."""
 
     input_norm: torch.Tensor
-    qkv: torch.Tensor
-    qkv_bias: torch.Tensor | None
-    o: torch.Tensor
-    o_bias: torch.Tensor | None
+    qkv: Linear
+    o: Linear
     post_norm: torch.Tensor
-    gate_up: torch.Tensor
-    gate_up_bias: torch.Tensor | None
-    down: torch.Tensor
-    down_bias: torch.Tensor | None
+    gate_up: Linear
+    down: Linear
+    q: Linear | None = None  # SwiftKV's layers above kv_layer project only queries
 
 
 class LlamaModel:
@@ -169,40 +167,54 @@ class LlamaModel:
         def maybe(name: str) -> torch.Tensor | None:
             return get(name) if name in weights else None
 
+        prepack = can_prepack(dtype, torch.device(device))
+
+        def linear(names: list[str], biases: list[str]) -> Linear:
+            return Linear(fused(names), fused(biases), prepack)
+
         self.embed = get("model.embed_tokens.weight")
         self.norm = get("model.norm.weight")
-        self.lm_head = self.embed if config.tie_word_embeddings else maybe("lm_head.weight")
-        if self.lm_head is None:
-            self.lm_head = self.embed  # checkpoints that tie without saying so
+        lm_head = self.embed if config.tie_word_embeddings else maybe("lm_head.weight")
+        self.lm_head = Linear(self.embed if lm_head is None else lm_head, None, prepack)  # None: ties unsaid
         self.layers = []
         for i in range(config.num_layers):
             p = f"model.layers.{i}."
             attn, mlp = p + "self_attn.", p + "mlp."
-            self.layers.append(
-                LayerWeights(
-                    input_norm=get(p + "input_layernorm.weight"),
-                    qkv=fused([attn + f"{x}_proj.weight" for x in "qkv"]),
-                    qkv_bias=fused([attn + f"{x}_proj.bias" for x in "qkv"]),
-                    o=get(attn + "o_proj.weight"),
-                    o_bias=maybe(attn + "o_proj.bias"),
-                    post_norm=get(p + "post_attention_layernorm.weight"),
-                    gate_up=fused([mlp + "gate_proj.weight", mlp + "up_proj.weight"]),
-                    gate_up_bias=fused([mlp + "gate_proj.bias", mlp + "up_proj.bias"]),
-                    down=get(mlp + "down_proj.weight"),
-                    down_bias=maybe(mlp + "down_proj.bias"),
-                )
+            layer = LayerWeights(
+                input_norm=get(p + "input_layernorm.weight"),
+                qkv=linear([attn + f"{x}_proj.weight" for x in "qkv"], [attn + f"{x}_proj.bias" for x in "qkv"]),
+                o=linear([attn + "o_proj.weight"], [attn + "o_proj.bias"]),
+                post_norm=get(p + "post_attention_layernorm.weight"),
+                gate_up=linear(
+                    [mlp + "gate_proj.weight", mlp + "up_proj.weight"], [mlp + "gate_proj.bias", mlp + "up_proj.bias"]
+                ),  # fmt: skip
+                down=linear([mlp + "down_proj.weight"], [mlp + "down_proj.bias"]),
             )
+            if i >= config.kv_layer:
+                layer.q = linear([attn + "q_proj.weight"], [attn + "q_proj.bias"])
+            self.layers.append(layer)
         # SingleInputKV: a norm of layer kv_layer's input and one fused K/V projection for
         # every cache entry above it (rows: entry 0's K, its V, entry 1's K, ...).
         self.swift_norm = maybe("model.swiftkv.norm.weight")
-        self.swift_kv = maybe("model.swiftkv.kv_proj.weight")
-        self.swift_kv_bias = maybe("model.swiftkv.kv_proj.bias")
+        swift = "model.swiftkv.kv_proj."
+        self.swift_kv = linear([swift + "weight"], [swift + "bias"]) if swift + "weight" in weights else None
         if config.kv_layer < config.num_layers and self.swift_kv is None:
             raise KVSqueezeError("a SwiftKV config without model.swiftkv.kv_proj weights")
         self.rope = RotaryEmbedding(
             config.head_dim, config.rope_theta, config.rope_scaling, config.max_position_embeddings, dtype, device
         )
         self.act = ACTIVATIONS[config.hidden_act]
+
+    @property
+    def weight_nbytes(self) -> int:
+        """Bytes of weights a decode step reads: every layer's (queries only above SwiftKV's
+        kv_layer) and the LM head (the embedding is read a row per token)."""
+        total = self.lm_head.weight.nbytes + self.norm.nbytes
+        for w in self.layers:
+            linears = [w.q or w.qkv, w.o, w.gate_up, w.down]
+            total += w.input_norm.nbytes + w.post_norm.nbytes
+            total += sum(x.weight.nbytes + (0 if x.bias is None else x.bias.nbytes) for x in linears)
+        return total
 
     @torch.inference_mode()
     def forward(self, batch: AttentionBatch, backend: AttentionBackend) -> torch.Tensor:
@@ -212,7 +224,7 @@ class LlamaModel:
         cos, sin = self.rope.lookup(batch.positions)
         x = F.embedding(batch.input_ids, self.embed)
         for i, w in enumerate(self.layers[: cfg.kv_layer]):
-            qkv = F.linear(rms_norm(x, w.input_norm, eps), w.qkv, w.qkv_bias).view(T, nh + 2 * nkv, d)
+            qkv = w.qkv(rms_norm(x, w.input_norm, eps)).view(T, nh + 2 * nkv, d)
             # q and k rotate together: one set of elementwise ops per layer instead of two.
             qk = apply_rope(qkv[:, : nh + nkv], cos, sin)
             out = backend.attend(i, qk[:, :nh], qk[:, nh:], qkv[:, nh + nkv :], batch)
@@ -222,18 +234,18 @@ class LlamaModel:
             x, logits_rows = self._upper(x, batch, backend, cos, sin)
         # Only the rows that are sampled from go through the final norm and the LM head.
         x = rms_norm(x[logits_rows], self.norm, eps)
-        return F.linear(x, self.lm_head).float()
+        return self.lm_head(x).float()
 
     def _residual(self, x: torch.Tensor, attn: torch.Tensor, w: LayerWeights) -> torch.Tensor:
         """The rest of a decoder layer after attention: output projection and MLP, with residuals."""
-        x = x + F.linear(attn, w.o, w.o_bias)
-        gate_up = F.linear(rms_norm(x, w.post_norm, self.config.rms_norm_eps), w.gate_up, w.gate_up_bias)
+        x = x + w.o(attn)
+        gate_up = w.gate_up(rms_norm(x, w.post_norm, self.config.rms_norm_eps))
         if self.config.hidden_act == "silu":
             hidden = silu_mul(gate_up)
         else:
             gate, up = gate_up.chunk(2, -1)
             hidden = self.act(gate) * up
-        return x + F.linear(hidden, w.down, w.down_bias)
+        return x + w.down(hidden)
 
     def _upper(
         self, x: torch.Tensor, batch: AttentionBatch, backend: AttentionBackend, cos: torch.Tensor, sin: torch.Tensor
@@ -243,7 +255,7 @@ class LlamaModel:
         `tail_lens` tokens. Returns those rows' hidden states and where the logits rows are."""
         cfg = self.config
         T, nh, nkv, d, eps = batch.num_tokens, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
-        kv = F.linear(rms_norm(x, self.swift_norm, eps), self.swift_kv, self.swift_kv_bias)
+        kv = self.swift_kv(rms_norm(x, self.swift_norm, eps))
         kv = kv.view(T, -1, 2, nkv, d)  # [T, entries, k|v, kv_heads, d]
         tails = batch.tail_lens or batch.query_lens
         ends = batch.cu_seqlens_q[1:].tolist()
@@ -252,8 +264,7 @@ class LlamaModel:
         keys = apply_rope(kv[:, :, 0].reshape(T, -1, d), cos, sin).view(T, -1, nkv, d)  # [T, entries, kv_heads, d]
         for i in range(cfg.kv_layer, cfg.num_layers):
             w, entry = self.layers[i], cfg.kv_entry(i) - cfg.kv_layer
-            q_bias = None if w.qkv_bias is None else w.qkv_bias[: nh * d]
-            q = F.linear(rms_norm(x, w.input_norm, eps), w.qkv[: nh * d], q_bias)
+            q = w.q(rms_norm(x, w.input_norm, eps))
             q = apply_rope(q.view(-1, nh, d), cos_q, sin_q)
             out = backend.attend(
                 i, q, keys[:, entry], kv[:, entry, 1], batch, query_lens=tails, writes=cfg.is_kv_leader(i)

@@ -1,0 +1,39 @@
+"""engine/linear.py: the prepacked copy gives F.linear's products for decode-sized
+batches, and large batches keep F.linear."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kvsqueeze.engine.linear import PACKED_MAX_ROWS, Linear, can_prepack
+
+needs_packing = pytest.mark.skipif(
+    not can_prepack(torch.bfloat16, torch.device("cpu")), reason="no bf16 matrix instructions on this CPU"
+)
+
+
+@needs_packing
+@pytest.mark.parametrize("rows", [1, 7, 32, PACKED_MAX_ROWS, PACKED_MAX_ROWS + 1, 600])
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_products_equal_f_linear(rows, bias):
+    gen = torch.Generator().manual_seed(rows)
+    w = torch.randn(320, 96, generator=gen).bfloat16()
+    b = torch.randn(320, generator=gen).bfloat16() if bias else None
+    x = torch.randn(rows, 96, generator=gen).bfloat16()
+    layer = Linear(w, b, prepack=True)
+    assert layer.packed is not None
+    expected = F.linear(x.float(), w.float(), None if b is None else b.float())
+    out = layer(x)
+    assert out.dtype == torch.bfloat16 and out.shape == (rows, 320)
+    torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=5e-2)
+
+
+def test_no_packing_off_bf16_or_off_the_cpu():
+    assert not can_prepack(torch.float32, torch.device("cpu"))
+    assert not can_prepack(torch.bfloat16, torch.device("meta"))
+    w = torch.randn(8, 4)
+    layer = Linear(w, prepack=False)
+    x = torch.randn(3, 4)
+    assert layer.packed is None and torch.equal(layer(x), F.linear(x, w))
