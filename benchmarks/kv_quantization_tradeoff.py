@@ -51,7 +51,7 @@ def main() -> None:
         "|---|---|---|---|---|---|---|",
     ]
     for (task, store, policy, keep), (ratio, score, n) in sorted(found.items(), key=lambda kv: (kv[0][0], kv[1][0])):
-        lines.append(f"| {task} | {store} | {policy} | {keep} | {ratio:.3f} | {score:.3f} | {n} |")
+        lines.append(f"| {task} | {store} | {policy} | {keep} | {ratio:.4f} | {score:.3f} | {n} |")
     (folder / "tradeoff.md").write_text("\n".join(lines) + "\n")
     for task in sorted({k[0] for k in found}):
         fig, ax = plt.subplots(figsize=(6.5, 4.2))

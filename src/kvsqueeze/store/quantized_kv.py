@@ -365,7 +365,7 @@ def _scatter_heads(rows: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
 KV_BITS = (16, 8, 4, 2)
 # Tokens per key group that bring int8 / int4 / int2 under 0.53 / 0.28 / 0.16 of a bf16
 # cache at head_dim 64 (0.527 / 0.277 / 0.152 with int16 positions), int4 at keep 0.25
-# under 0.08; the default 32 keeps KIVI's quality at 0.570 / 0.320 / 0.195.
+# under 0.08 (the default 32, KIVI's finer groups, stores 0.571 / 0.321 / 0.196).
 COMPACT_GROUP = 256
 
 
