@@ -24,6 +24,12 @@ class Policy:
     hides from the last prompt query are never kept, and budgets count only the
     visible tokens: a sequence whose visible tokens fit its budget (or this layer's)
     keeps all of them. Batches must be left-padded.
+
+    `share_scorer`, when set, scores what the allocator splits the budget by, while
+    each head still keeps its best tokens by `scorer`. Ada-KV (arXiv 2407.11550) sizes
+    a head's share by its observation window's attention; scorers that observe other
+    queries (H2O: every prompt query; head-wise TOVA: only the last) are a poor guide
+    to which heads the coming queries will read (docs/results/quality_sweep).
     """
 
     name: str
@@ -33,6 +39,7 @@ class Policy:
     schedule: LayerSchedule = field(default_factory=FlatSchedule)
     window: int = 32
     sinks: int = 0
+    share_scorer: Scorer | None = None
 
     def __post_init__(self) -> None:
         if self.window < 0 or self.sinks < 0:
@@ -69,7 +76,8 @@ class Policy:
                 "(Policy.keep_masks), not one layer's"
             )
         scores, budget, visible = self._ranked(x, layer_idx, num_layers, scores)
-        return keep_mask(scores, self.allocator(scores, budget)) & visible[:, None, :]
+        counts = self.allocator(self._shares(x, scores), budget)
+        return keep_mask(scores, counts) & visible[:, None, :]
 
     def keep_masks(
         self, prefills: dict[int, ScoreInput], num_layers: int, scores: dict[int, torch.Tensor] | None = None
@@ -84,12 +92,20 @@ class Policy:
         if len(shapes) != 1:
             raise ValueError(f"cross-layer allocation needs every layer's prefill over the same tokens, got {shapes}")
         ranked = {i: self._ranked(x, i, num_layers, scores.get(i)) for i, x in prefills.items()}
-        stacked = torch.stack([r[0] for r in ranked.values()])
+        stacked = torch.stack([self._shares(prefills[i], r[0]) for i, r in ranked.items()])
         counts = self.allocator(stacked, torch.stack([r[1] for r in ranked.values()]))
         return {
             i: keep_mask(layer_scores, count) & visible[:, None, :]
             for (i, (layer_scores, _, visible)), count in zip(ranked.items(), counts, strict=True)
         }
+
+    def _shares(self, x: ScoreInput, ranked: torch.Tensor) -> torch.Tensor:
+        """What the allocator ranks: `ranked` (the scorer's, masked by _ranked), or the
+        share scorer's scores with the same protected and hidden tokens."""
+        if self.share_scorer is None:
+            return ranked
+        shares = self.share_scorer(x).float()
+        return shares.masked_fill(ranked.isposinf(), float("inf")).masked_fill(ranked.isneginf(), float("-inf"))
 
     def _ranked(
         self, x: ScoreInput, layer_idx: int, num_layers: int, scores: torch.Tensor | None

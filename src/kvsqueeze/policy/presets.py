@@ -16,6 +16,11 @@ from kvsqueeze.policy.score.snapkv import POOLS
 # Scorers whose method keeps the first tokens (attention sinks) whatever they score:
 # StreamingLLM, and Expected Attention (kvpress keeps 4 sinks out of its statistics and scores).
 SINKS = {"streamingllm": 4, "expected-attention": 4}
+# Scorers whose own scores do not come from the observation window: Ada-KV and
+# cross-layer allocation size their heads' shares by Ada-KV's window scores instead
+# (Policy.share_scorer). On the needle sweep, shares by their own scores lost to the
+# uniform split at every budget (docs/results/quality_sweep).
+WINDOW_SHARES = {"h2o", "tova-head"}
 
 
 def make_policy(
@@ -67,7 +72,9 @@ def make_policy(
     }
     fields = {f.name for f in dataclasses.fields(scorer_cls)}
     scorer = scorer_cls(**{k: v for k, v in offered.items() if k in fields and v is not None})
-    allocator = ALLOCATORS["uniform"]()
+    allocator, share_scorer = ALLOCATORS["uniform"](), None
+    if parsed.allocator != "uniform" and parsed.scorer in WINDOW_SHARES:
+        share_scorer = SCORERS["snapkv"](pool="max", kernel=7, group_reduce=group_reduce, pool_order="reduce-then-pool")
     if ada:
         allocator = ALLOCATORS["ada"](alpha=alpha, safeguard=safeguard, pool_kernel=ada_pool_kernel)
     elif parsed.allocator == "cross":  # Ada-KV's safeguard and share pooling, over all layers
@@ -80,4 +87,5 @@ def make_policy(
         schedule=SCHEDULES[parsed.schedule](),
         window=window,
         sinks=SINKS.get(parsed.scorer, 0),
+        share_scorer=share_scorer,
     )
