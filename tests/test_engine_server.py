@@ -18,6 +18,7 @@ import pytest
 import uvicorn
 
 from kvsqueeze.engine.async_engine import AsyncLLMEngine
+from kvsqueeze.engine.chat_template import apply_chat_template
 from kvsqueeze.engine.llm_engine import EngineArgs, LLMEngine
 from kvsqueeze.engine.sampling_params import SamplingParams
 from kvsqueeze.engine.server import build_app
@@ -133,10 +134,10 @@ def test_kv_prefix_is_compressed_once_and_shared(served, client):
     document = "The vault code is 7291. " + "Filler text about nothing. " * 8
     questions = ["Q: code? A:", "Q: vault? A:"]
 
-    def offline(question: str) -> str:
+    def offline(question: str | list[int], prefix: str | list[int] = document) -> str:
         def run():
             params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
-            seq = served.engine.add_request(question, params, prefix=document)
+            seq = served.engine.add_request(question, params, prefix=prefix)
             while not seq.is_finished:
                 served.engine.step()
             return seq.text
@@ -151,11 +152,27 @@ def test_kv_prefix_is_compressed_once_and_shared(served, client):
         )
         assert got.choices[0].text == offline(q)
     assert prefixes.hits - hits == 2 * len(questions) - 1  # only the first request computed the document
+
+    # In a chat request the document opens the conversation as a system message.
+    tokenizer = served.engine.tokenizer
+    system = [{"role": "system", "content": document}]
+    shared = apply_chat_template(tokenizer, system, add_generation_prompt=False)
+    hits = prefixes.hits
+    for q in questions:
+        messages = [{"role": "user", "content": q}]
+        got = client.chat.completions.create(
+            model="tiny",
+            messages=messages,
+            max_tokens=6,
+            temperature=0,
+            extra_body={"ignore_eos": True, "kv_prefix": document},
+        )
+        whole = apply_chat_template(tokenizer, system + messages)
+        assert got.usage.prompt_tokens == len(whole)
+        assert got.choices[0].message.content == offline(whole[len(shared) :], shared)
+    assert prefixes.hits - hits == 2 * len(questions) - 1
     served.async_engine.call(prefixes.clear)
     assert served.pool_whole()
-    chat = {"messages": [{"role": "user", "content": "hi"}], "kv_prefix": document}
-    r = httpx.post(served.url + "/v1/chat/completions", json=chat, headers={"Authorization": f"Bearer {KEY}"})
-    assert r.status_code == 400 and "completions only" in r.json()["error"]["message"]
 
 
 @pytest.mark.parametrize(

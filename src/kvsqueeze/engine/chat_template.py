@@ -9,8 +9,11 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from kvsqueeze.engine.tokenizer import Tokenizer
 
 
-def apply_chat_template(tokenizer: Tokenizer, messages: list[dict[str, str]]) -> list[int]:
-    """Token ids of `messages` followed by the assistant's turn opening."""
+def apply_chat_template(
+    tokenizer: Tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = True
+) -> list[int]:
+    """Token ids of `messages`, followed by the assistant's turn opening unless
+    `add_generation_prompt` is False."""
     if tokenizer.chat_template is None:
         raise ValueError("this model has no chat template: send a plain completion prompt instead")
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
@@ -20,7 +23,9 @@ def apply_chat_template(tokenizer: Tokenizer, messages: list[dict[str, str]]) ->
 
     env.globals["raise_exception"] = raise_exception
     try:
-        text = env.from_string(tokenizer.chat_template).render(messages=messages, add_generation_prompt=True)
+        text = env.from_string(tokenizer.chat_template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt
+        )
     except TemplateError as exc:
         raise ValueError(f"the chat template refused these messages: {exc}") from exc
     return tokenizer.encode(text, add_special_tokens=False)

@@ -25,7 +25,7 @@ class _Common(BaseModel):
     kv_tokens: int | None = None
     kv_max_tokens: int | None = None  # per-head cap while decoding
     # A document the prompt continues, compressed once and shared by requests that repeat it
-    # (completions only: a chat template wraps the whole conversation).
+    # (in a chat request: the conversation's opening system message).
     kv_prefix: str | None = None
 
 

@@ -165,11 +165,21 @@ def build_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = Non
         finally:  # a disconnected client closes us: close the request now, which aborts it
             await stream.aclose()
 
+    def _prefix_ids(body: _Common) -> list[int]:
+        ids = llm.tokenizer.encode(body.kv_prefix) if body.kv_prefix else []
+        if body.kv_prefix is not None and not ids:
+            raise APIError(400, "kv_prefix is empty: give the shared document, or leave it out", param="kv_prefix")
+        return ids
+
+    def _chat_ids(messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+        try:
+            return apply_chat_template(llm.tokenizer, messages, add_generation_prompt)
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="messages") from exc
+
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest):
-        prefix = llm.tokenizer.encode(body.kv_prefix) if body.kv_prefix else []
-        if body.kv_prefix is not None and not prefix:
-            raise APIError(400, "kv_prefix is empty: give the shared document, or leave it out", param="kv_prefix")
+        prefix = _prefix_ids(body)
         if isinstance(body.prompt, str):  # after a prefix, the prompt continues it: no second BOS
             ids = llm.tokenizer.encode(body.prompt, add_special_tokens=not prefix) if body.prompt else []
         else:
@@ -183,14 +193,22 @@ def build_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = Non
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest):
-        if body.kv_prefix is not None:
-            raise APIError(400, "kv_prefix is accepted by /v1/completions only", param="kv_prefix")
         messages = [m.model_dump() for m in body.messages]
-        try:
-            ids = apply_chat_template(llm.tokenizer, messages)
-        except ValueError as exc:
-            raise APIError(400, str(exc), param="messages") from exc
+        prefix: list[int] = []
+        if _prefix_ids(body):
+            # The document opens the conversation as a system message; its rendering is
+            # the shared prefix, which the template must leave unchanged by what follows.
+            document = [{"role": "system", "content": body.kv_prefix}]
+            prefix, messages = _chat_ids(document, add_generation_prompt=False), document + messages
+        ids = _chat_ids(messages)
+        if ids[: len(prefix)] != prefix:
+            raise APIError(
+                400,
+                "this model's chat template renders the kv_prefix system message differently once other "
+                "messages follow, so it cannot be shared: use /v1/completions with kv_prefix",
+                param="kv_prefix",
+            )
         params, policy = _prepare(body, ids, body.max_completion_tokens or body.max_tokens)
-        return await _respond(body, ids, params, policy, chat=True)
+        return await _respond(body, ids, params, policy, chat=True, prefix_len=len(prefix))
 
     return app
