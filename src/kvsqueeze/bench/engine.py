@@ -29,6 +29,7 @@ class EngineBenchRow:
     mean_tpot_ms: float
     kv_memory_bytes: int
     kv_bytes_stored_peak: int
+    kv_bits: int = 16
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -62,10 +63,14 @@ def bench_engine(
     on_policy: Callable[[str], None] | None = None,
     compress_chunks: bool = False,
     reserve: bool = True,
+    kv_bits: int = 16,
+    kv_group: int = 32,
+    kv_residual: int = 128,
 ) -> list[EngineBenchRow]:
     """One timed run of the whole workload per policy, each on a fresh engine after a
     short warm-up request (`compress_chunks`: compress each prompt chunk as it runs;
-    `reserve`: admit by peak footprint, engine/footprint.py)."""
+    `reserve`: admit by peak footprint, engine/footprint.py; `kv_bits` < 16: KIVI-quantized
+    pages, engine/block_manager.py)."""
     rows = []
     for policy in policies:
         if on_policy is not None:
@@ -73,7 +78,7 @@ def bench_engine(
         args = EngineArgs(
             model=str(model_dir), policy=policy, keep=keep, tokens=tokens, window=window,
             kv_memory=kv_memory, dtype=dtype, device=device, compress_chunks=compress_chunks,
-            reserve=reserve,
+            reserve=reserve, kv_bits=kv_bits, kv_group=kv_group, kv_residual=kv_residual,
         )  # fmt: skip
         engine = LLMEngine(args)
         prompts = essay_prompts(engine.tokenizer, num_prompts, prompt_len)
@@ -102,6 +107,7 @@ def bench_engine(
                 mean_tpot_ms=round(1000 * sum(tpot) / len(tpot), 2) if tpot else 0.0,
                 kv_memory_bytes=parse_bytes(kv_memory),
                 kv_bytes_stored_peak=engine.peak_stored_bytes,
+                kv_bits=kv_bits,
             )
         )
     return rows

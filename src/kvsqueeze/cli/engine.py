@@ -17,12 +17,16 @@ from kvsqueeze.cli.app import (
     Dtype,
     DtypeOption,
     KeepOption,
+    KvBitsOption,
+    KvGroupOption,
+    KvResidualOption,
     ModelOption,
     PoliciesOption,
     TokensOption,
     WindowOption,
     _policy,
     _policy_list,
+    _quant,
     app,
     one_line_errors,
     require_extra,
@@ -54,6 +58,15 @@ ReserveOption = Annotated[
 ]
 
 
+def _engine_quant(bits: int, group: int, residual: int, compress_chunks: bool):
+    """The KV quantization flags, checked before any model loads (KVQuantConfig's errors
+    for bad bits, group or residual; per-chunk compression does not combine with it)."""
+    quant = _quant(bits, group, residual)
+    if quant.quantizes and compress_chunks:
+        raise KVSqueezeError("--compress-chunks is not supported with --kv-bits below 16")
+    return quant
+
+
 @app.command()
 @one_line_errors
 def serve(
@@ -67,6 +80,9 @@ def serve(
     max_kv_tokens: MaxKvTokensOption = None,
     compress_chunks: CompressChunksOption = False,
     reserve: ReserveOption = True,
+    kv_bits: KvBitsOption = 16,
+    kv_group: KvGroupOption = 32,
+    kv_residual: KvResidualOption = 128,
     dtype: DtypeOption = Dtype.bf16,
     device: DeviceOption = Device.cpu,
     host: Annotated[str, typer.Option("--host", help="address to bind (loopback by default)")] = "127.0.0.1",
@@ -89,12 +105,13 @@ def serve(
     # Bad names and budgets, and policies the engine cannot run, fail before the model loads.
     check_engine_policy(_policy(policy, keep, tokens, window, alpha, {}))
     parse_bytes(kv_memory)
+    _engine_quant(kv_bits, kv_group, kv_residual, compress_chunks)
     folder = model_folder(model)
     args = EngineArgs(
         model=str(folder), policy=policy, keep=keep, tokens=tokens, window=window, alpha=alpha,
         kv_memory=kv_memory, dtype=dtype.value, device=device.value, max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens, max_kv_tokens=max_kv_tokens, compress_chunks=compress_chunks,
-        reserve=reserve,
+        reserve=reserve, kv_bits=kv_bits, kv_group=kv_group, kv_residual=kv_residual,
     )  # fmt: skip
     engine = AsyncLLMEngine(LLMEngine(args))
     typer.echo(
@@ -120,6 +137,9 @@ def bench_engine(
     kv_memory: KvMemoryOption = "1GiB",
     compress_chunks: CompressChunksOption = False,
     reserve: ReserveOption = True,
+    kv_bits: KvBitsOption = 16,
+    kv_group: KvGroupOption = 32,
+    kv_residual: KvResidualOption = 128,
     dtype: DtypeOption = Dtype.bf16,
     device: DeviceOption = Device.cpu,
     as_json: Annotated[bool, typer.Option("--json", metavar="", help="print a JSON list of rows")] = False,
@@ -139,16 +159,21 @@ def bench_engine(
         check_engine_policy(_policy(name, keep, tokens, window, 0.2, {}))
     check_device(device.value)
     parse_bytes(kv_memory)
+    quant = _engine_quant(kv_bits, kv_group, kv_residual, compress_chunks)
     console = Console(stderr=True)
     rows = run(
         model_folder(model), names, keep, tokens, num_prompts, prompt_len, output_len, kv_memory, dtype.value,
         device.value, window, on_policy=lambda name: console.print(f"[bold]policy {name}[/bold]"),
-        compress_chunks=compress_chunks, reserve=reserve,
+        compress_chunks=compress_chunks, reserve=reserve, kv_bits=kv_bits, kv_group=kv_group,
+        kv_residual=kv_residual,
     )  # fmt: skip
     if as_json:
         typer.echo(json.dumps([row.as_dict() for row in rows]))
         return
     from kvsqueeze.cli.tables import engine_bench_table
 
-    title = f"{model}, {device.value} {dtype.value}, {num_prompts} x {prompt_len} in, {output_len} out, KV {kv_memory}"
+    title = (
+        f"{model}, {device.value} {dtype.value}, {num_prompts} x {prompt_len} in, {output_len} out, KV {kv_memory}"
+        f", {quant.describe()}"
+    )
     engine_bench_table(rows, title)

@@ -8,6 +8,12 @@ back to the pool) and leaves when it finishes or is preempted. The scheduler ask
 here how many blocks a step needs, so it admits sequences by their real,
 compressed footprint. Compressed shared prefixes live in its PrefixCache, as forks
 of the stores of the sequence that computed them.
+
+With a KVQuantConfig of 8, 4 or 2 bits the pool is a QuantizedBlockPool (KIVI, arXiv
+2402.02750): pages of one byte size hold either a quantized key group or a few
+full-precision entries, each (layer, sequence) a PagedQuantizedKV, and the KV memory
+buys as many pages as its bytes hold; `block_size` is then the full-precision entries
+per page, which the pool works out from the quantization settings.
 """
 
 from __future__ import annotations
@@ -16,11 +22,17 @@ from collections.abc import Callable
 
 import torch
 
+from kvsqueeze.engine.footprint import peak_blocks, peak_pages_quantized
 from kvsqueeze.engine.prefix_cache import PrefixCache, PrefixKey
+from kvsqueeze.engine.sequence import Sequence
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.ops.cpu_extension import cpu_kernels_available
 from kvsqueeze.ops.cpu_paged_decode import blocks_needed_cpu
 from kvsqueeze.store import BlockPool, PagedKV
+from kvsqueeze.store.paged_quantized_kv import PagedQuantizedKV
+from kvsqueeze.store.quantize import KVQuantizer
+from kvsqueeze.store.quantized_block_pool import QuantizedBlockPool
+from kvsqueeze.store.quantized_kv import KVQuantConfig
 
 
 class BlockManager:
@@ -33,22 +45,36 @@ class BlockManager:
         device: torch.device | str,
         kv_memory: int,
         block_size: int = 16,
+        quant: KVQuantConfig | None = None,
     ) -> None:
-        num_blocks = kv_memory // BlockPool.bytes_per_block(head_dim, dtype, block_size)
+        self.quant = quant if quant is not None and quant.quantizes else None
+        if self.quant is not None:
+            quantizer = KVQuantizer(self.quant.bits, self.quant.group, self.quant.key_axis)
+            layout = QuantizedBlockPool.layout(head_dim, quantizer, dtype)
+            block_size, block_nbytes = layout["block_size"], layout["page"]
+        else:
+            block_nbytes = BlockPool.bytes_per_block(head_dim, dtype, block_size)
+        num_blocks = kv_memory // block_nbytes
         if num_blocks < num_layers * num_kv_heads:
             raise ValueError(
-                f"kv_memory of {kv_memory} bytes holds {num_blocks} blocks of {block_size} tokens: fewer than one "
+                f"kv_memory of {kv_memory} bytes holds {num_blocks} blocks of {block_nbytes} bytes: fewer than one "
                 f"per (layer, kv-head) ({num_layers * num_kv_heads}); give the cache more memory"
             )
         try:
-            self.pool = BlockPool(num_blocks, head_dim, dtype, device, block_size)
+            if self.quant is not None:
+                self.pool: BlockPool | QuantizedBlockPool = QuantizedBlockPool(
+                    num_blocks, head_dim, quantizer, dtype, device
+                )
+            else:
+                self.pool = BlockPool(num_blocks, head_dim, dtype, device, block_size)
         except (RuntimeError, MemoryError, TypeError, OverflowError):  # torch: out of memory, or past int64
             raise KVSqueezeError(
                 f"cannot allocate a KV pool of {kv_memory} bytes on {device}: give --kv-memory what the device holds"
             ) from None
         self.num_layers, self.num_kv_heads, self.block_size = num_layers, num_kv_heads, block_size
-        self._cpu_kernels = self.pool.device.type == "cpu" and cpu_kernels_available()
-        self.kv: dict[int, list[PagedKV | None]] = {}  # seq_id -> per layer (None until it joins that layer)
+        self._cpu_kernels = self.pool.device.type == "cpu" and cpu_kernels_available() and self.quant is None
+        # seq_id -> per layer (None until it joins that layer)
+        self.kv: dict[int, list[PagedKV | PagedQuantizedKV | None]] = {}
         self.on_free: list[Callable[[int], None]] = []  # told of every sequence whose blocks are freed
         self.prefixes = PrefixCache()
 
@@ -71,9 +97,11 @@ class BlockManager:
         total = fresh * (len(layers) - len(stored))
         return total + (self._blocks_needed(stored, n_tokens) if stored else 0)
 
-    def _blocks_needed(self, stores: list[PagedKV], n_tokens: int) -> int:
+    def _blocks_needed(self, stores: list, n_tokens: int) -> int:
         """Blocks the stores' heads take to grow by n_tokens; this runs for every running
         sequence at every step, so on the CPU one C++ call does it."""
+        if self.quant is not None:
+            return sum(kv.blocks_to_append(n_tokens) for kv in stores)
         if self._cpu_kernels:
             return blocks_needed_cpu(stores, n_tokens)
         size, total = self.block_size, 0
@@ -87,6 +115,14 @@ class BlockManager:
         new blocks, plus a private copy of every partly filled shared last block."""
         size = self.block_size
         return sum(-(-(n + n_tokens) // size) - n // size for kv in layers for n in kv.lengths.tolist())
+
+    def peak_blocks(self, seq: Sequence) -> tuple[int, int]:
+        """Blocks (pages) `seq` holds at its largest: before and after its prompt is
+        compressed (engine/footprint.py)."""
+        if self.quant is not None:
+            q = self.quant
+            return peak_pages_quantized(seq, self.num_layers, self.num_kv_heads, self.block_size, q.group, q.residual)
+        return peak_blocks(seq, self.num_layers, self.num_kv_heads, self.block_size)
 
     def stored_tokens(self, seq_id: int) -> int:
         return sum(kv.num_tokens for kv in self.kv.get(seq_id, []) if kv is not None)
@@ -110,7 +146,11 @@ class BlockManager:
         layers = self.kv.setdefault(seq_id, [None] * self.num_layers)
         if layers[layer_idx] is not None:
             raise RuntimeError(f"sequence {seq_id} already holds KV in layer {layer_idx}")
-        kv = layers[layer_idx] = PagedKV(self.pool)
+        if self.quant is not None:
+            kv: PagedKV | PagedQuantizedKV = PagedQuantizedKV(self.pool, self.quant.residual)  # type: ignore[arg-type]
+        else:
+            kv = PagedKV(self.pool)  # type: ignore[arg-type]
+        layers[layer_idx] = kv
         kv.join(keys, values, positions=positions)
         return kv
 

@@ -9,6 +9,11 @@ the uncompressed prompt just before the policy compresses it, or the end of the
 generation, when the kept prompt and every generated token (up to the per-head
 decoding cap) are stored; once a sequence has compressed, only the second remains,
 so a compressed sequence reserves its compressed footprint.
+
+With a KIVI-quantized cache (arXiv 2402.02750; store/paged_quantized_kv.py) the
+prompt is held in full-precision pages until it is compressed, then the kept entries
+take one page per key group of G tokens and the decoded ones a full-precision
+residual that a group at a time leaves for a quantized page (peak_pages_quantized).
 """
 
 from __future__ import annotations
@@ -44,3 +49,33 @@ def peak_blocks(seq: Sequence, num_layers: int, num_kv_heads: int, block_size: i
             tokens = min(tokens, max(seq.max_kv_tokens, kept + prompt - compressed))
         after += num_kv_heads * (blocks(tokens) + 1)
     return max(num_layers * num_kv_heads * blocks(prompt), after), after
+
+
+def peak_pages_quantized(
+    seq: Sequence, num_layers: int, num_kv_heads: int, block_size: int, group: int, residual: int
+) -> tuple[int, int]:
+    """peak_blocks for a quantized store: pages before the prompt is quantized (the
+    prompt in full-precision pages of `block_size` entries), and after (each head's kept
+    entries in groups of `group`, plus the groups decoding fills past `residual` + group,
+    plus the residual's full-precision pages). Decoding's per-head cap is ignored: it
+    evicts entries but can leave every quantized page it touched partly filled, so the
+    uncapped count is the bound. One page of slack per head for the kept groups (Ada-KV
+    moves budget between heads; a short first group) and one for the residual (it
+    starts at an offset into its first page)."""
+
+    def pages(tokens: int, size: int) -> int:
+        return -(-tokens // size)
+
+    policy, prompt, new = seq.policy, seq.num_prompt_tokens, seq.params.max_tokens
+    flushed = max(0, (new - residual) // group) if new >= residual + group else 0
+    decoded = flushed + pages(new - flushed * group, block_size) + 1
+    after = 0
+    if policy.compresses:
+        seen = torch.tensor([prompt])
+        budget = policy.budget.per_head(seen)
+        for layer in range(num_layers):
+            kept = min(int(policy.schedule(budget, layer, num_layers, policy.window, seen)[0]), prompt)
+            after += num_kv_heads * (pages(kept, group) + 1 + decoded)
+    else:
+        after = num_layers * num_kv_heads * (pages(prompt, group) + 1 + decoded)
+    return max(num_layers * num_kv_heads * pages(prompt, block_size), after), after

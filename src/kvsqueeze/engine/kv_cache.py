@@ -10,6 +10,13 @@ prompt, the layer's policy scores the whole prompt (its queries, kept since the
 first chunk, and its keys), exactly as the HF path does after a dense prefill, and
 evicts; the freed blocks go back to the pool at once. With `compress_chunks`, every
 prompt chunk is compressed as soon as it has run instead (bounded peak KV).
+
+With a quantizing BlockManager (KIVI, arXiv 2402.02750) the stores are
+PagedQuantizedKV: the prompt stays in full precision until the policy has scored
+it, then its kept entries are quantized (`quantize` instead of `evict`; a policy that
+keeps everything quantizes the whole prompt when it ends), decode steps append to
+each store's full-precision residual, and attention reads the pages a few at a time
+through ops/paged_quantized_attention.py, never the whole cache in full precision.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from kvsqueeze.ops import dense_causal_attention, policy_scores
 from kvsqueeze.ops.cpu_extension import cpu_kernels_available
 from kvsqueeze.ops.cpu_paged_decode import append_decode_cpu, paged_decode_cpu
 from kvsqueeze.ops.padded_attention import padded_attention
+from kvsqueeze.ops.paged_quantized_attention import paged_quantized_attention
 from kvsqueeze.policy import ScoreInput
 from kvsqueeze.store import BlockPool, PagedKV
 from kvsqueeze.store.paged_kv import append_step, step_slots
@@ -83,8 +91,11 @@ class PagedCompressedCache:
         # Layer -> the BlockManager entry holding its K/V (SwiftKV's AcrossKV layers share one).
         self.kv_entries = tuple(kv_entries) if kv_entries is not None else tuple(range(blocks.num_layers))
         self.num_layers = len(self.kv_entries)
+        self.quantized = blocks.quant is not None
+        if self.quantized and compress_chunks:
+            raise ValueError("per-chunk compression is not supported with a quantized KV cache (kv bits < 16)")
         # Decode on the CPU reads the blocks in place and appends through the C++ kernels (ops/csrc).
-        self.cpu_kernels = blocks.pool.device.type == "cpu" and cpu_kernels_available()
+        self.cpu_kernels = blocks.pool.device.type == "cpu" and cpu_kernels_available() and not self.quantized
         self.chunks: list[ScheduledChunk] = []
         self.decode = DecodeRows.of([], blocks)
         self._prompt_queries: dict[tuple[int, int], list[torch.Tensor]] = {}  # (seq, layer) -> [n, hq, d] chunks
@@ -133,7 +144,13 @@ class PagedCompressedCache:
             # SwiftKV's upper layers run fewer query rows than key rows before a decode row.
             q_rows = decode.rows if query_lens is None else _rows([query_starts[i] for i in decode.chunks])
             stores = [layers[entry] for layers in decode.layers]
-            if writes:
+            if writes and self.quantized:
+                for j, store in enumerate(stores):
+                    row = decode.rows.start + j if isinstance(decode.rows, slice) else int(decode.rows[j])
+                    store.append(k[row, :, None], v[row, :, None], decode.positions[j : j + 1])
+                    if self.chunks[decode.chunks[j]].ends_prompt:  # a prompt's last chunk of one token
+                        self._later(store.quantize)
+            elif writes:
                 new_k, new_v = k[decode.rows].flatten(0, 1), v[decode.rows].flatten(0, 1)
                 append_step(stores, new_k, new_v, decode.positions, append_decode_cpu if self.cpu_kernels else None)
             queries = q[q_rows]
@@ -192,12 +209,18 @@ class PagedCompressedCache:
             store.append(keys, values, positions)
         if first and m == n:  # the first chunk, every query: plain causal attention over itself
             out = dense_causal_attention(queries[None], keys[None], values[None], None, self.scaling, window)[0]
+        elif self.quantized:
+            grouped = queries.reshape(hkv, hq // hkv, m, d)
+            q_pos = positions[n - m :].expand(hkv, m)
+            out = paged_quantized_attention(grouped, [store], q_pos, self.scaling, window).reshape(hq, m, d)
         else:
             slots, live = store.live_slots()
             grouped = queries.reshape(hkv, hq // hkv, m, d)
             q_pos = positions[n - m :].expand(hkv, m)
             out = _gathered_attention(grouped, store.pool, slots, live, q_pos, self.scaling, window).reshape(hq, m, d)
         recomputed = chunk.start >= chunk.seq.num_prompt_tokens  # a recomputed sequence's generated tokens
+        if writes and self.quantized and chunk.ends_prompt and not chunk.scored:
+            self._later(store.quantize)  # no policy scores it: the whole prompt is quantized
         if not writes or not (chunk.scored or recomputed):
             return out.transpose(0, 1)
         if m < n:  # prompt queries the layer did not run (SwiftKV) observe nothing: zeros
@@ -240,7 +263,10 @@ class PagedCompressedCache:
             self.sliding_windows[layer_idx],
         )
         keep = policy.keep_mask(x, layer_idx, self.num_layers, policy_scores(policy.scorer, x))
-        store.evict(keep[0])
+        if self.quantized:
+            store.quantize(keep[0])  # evict, then quantize what is kept
+        else:
+            store.evict(keep[0])
 
     def _compress_chunk(self, layer_idx: int, chunk: ScheduledChunk, store: PagedKV, q: torch.Tensor) -> None:
         """Per-chunk compression: after each chunk, cut every head to the layer's budget
@@ -262,6 +288,10 @@ class PagedCompressedCache:
         """One new token per sequence: every sequence's heads in one SDPA over one gather."""
         r, hq, d = q.shape
         hkv = stores[0].num_heads
+        if self.quantized:
+            grouped = q.reshape(r * hkv, hq // hkv, 1, d)
+            q_pos = positions.repeat_interleave(hkv)[:, None]
+            return paged_quantized_attention(grouped, stores, q_pos, self.scaling, window).view(r, hq, d)
         if self.cpu_kernels:  # reads the blocks in place: no gather
             grouped = q.view(r, hkv, hq // hkv, d)
             return paged_decode_cpu(grouped, stores, positions, self.scaling, window, window is not None).view(r, hq, d)

@@ -18,7 +18,8 @@ class LLM:
     def __init__(self, model: str, **kwargs) -> None:
         """`model`: a Hugging Face model folder (Llama, Mistral or Qwen2 family); keyword
         arguments are EngineArgs' (policy, keep, tokens, window, alpha, kv_memory, dtype,
-        device, max_num_seqs, max_num_batched_tokens)."""
+        device, max_num_seqs, max_num_batched_tokens, max_kv_tokens, compress_chunks, reserve;
+        kv_bits 16/8/4/2, kv_group, kv_residual: KIVI quantization of the stored K/V)."""
         self.engine = LLMEngine(EngineArgs(model=model, **kwargs))
         self.tokenizer = self.engine.tokenizer
 

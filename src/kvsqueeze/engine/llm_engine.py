@@ -24,6 +24,7 @@ from kvsqueeze.engine.scheduler import ScheduledChunk, Scheduler
 from kvsqueeze.engine.sequence import Sequence, check_engine_policy
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.policy import Policy, make_policy
+from kvsqueeze.store.quantized_kv import KVQuantConfig
 
 _UNITS = {"": 1, "B": 1, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9}
 
@@ -66,6 +67,24 @@ class EngineArgs:
     # Admit a sequence only when every running sequence's peak footprint fits beside its
     # own (engine/footprint.py): no preemption within max_tokens. False: admit on the next chunk.
     reserve: bool = True
+    # KIVI quantization of the stored K/V (arXiv 2402.02750): 16 keeps them in the model's
+    # dtype; 8, 4 or 2 bits quantize what the policy kept (keys per channel over groups of
+    # kv_group tokens, values per token), the newest kv_residual decoded tokens exact.
+    kv_bits: int = 16
+    kv_group: int = 32
+    kv_residual: int = 128
+
+
+def engine_quant(args: EngineArgs, swiftkv: bool = False) -> KVQuantConfig:
+    """The engine's KV quantization from its args, refusing what it cannot run: bad
+    bits, group or residual (KVQuantConfig's errors), and quantization together with
+    per-chunk compression or a SwiftKV model."""
+    quant = KVQuantConfig(args.kv_bits, args.kv_group, args.kv_residual)
+    if quant.quantizes and args.compress_chunks:
+        raise KVSqueezeError("--compress-chunks is not supported with a quantized KV cache (kv bits < 16)")
+    if quant.quantizes and swiftkv:
+        raise KVSqueezeError("SwiftKV models are not supported with a quantized KV cache in the engine (kv bits < 16)")
+    return quant
 
 
 class LLMEngine:
@@ -77,6 +96,7 @@ class LLMEngine:
         self.tokenizer = self.runner.tokenizer
         cfg = self.runner.config
         self.config = cfg
+        self.quant = engine_quant(args, cfg.num_kv_entries != cfg.num_layers or cfg.kv_layer < cfg.num_layers)
         self.blocks = BlockManager(
             cfg.num_kv_entries,
             cfg.num_kv_heads,
@@ -85,6 +105,7 @@ class LLMEngine:
             args.device,
             parse_bytes(args.kv_memory),
             args.block_size,
+            self.quant,
         )
         self.cache = PagedCompressedCache(
             self.blocks,
@@ -139,6 +160,8 @@ class LLMEngine:
         if not ids:
             raise KVSqueezeError("empty prompt: a request needs at least one token")
         prefix_ids: list[int] = []
+        if prefix is not None and self.quant.quantizes:
+            raise KVSqueezeError("shared prefixes are not supported with a quantized KV cache (kv bits < 16)")
         if prefix is not None:
             prefix_ids = self.tokenizer.encode(prefix) if isinstance(prefix, str) else list(prefix)
             if not prefix_ids:

@@ -26,7 +26,6 @@ from collections import deque
 from dataclasses import dataclass
 
 from kvsqueeze.engine.block_manager import BlockManager
-from kvsqueeze.engine.footprint import peak_blocks
 from kvsqueeze.engine.sequence import Sequence, SequenceStatus
 
 
@@ -87,8 +86,7 @@ class Scheduler:
     def _peak(self, seq: Sequence) -> int:
         """Blocks the sequence may still come to hold at once (footprint.py)."""
         if seq.seq_id not in self._peaks:
-            b = self.blocks
-            self._peaks[seq.seq_id] = peak_blocks(seq, b.num_layers, b.num_kv_heads, b.block_size)
+            self._peaks[seq.seq_id] = self.blocks.peak_blocks(seq)
         before, after = self._peaks[seq.seq_id]
         return after if seq.num_computed >= seq.compress_at else before
 
