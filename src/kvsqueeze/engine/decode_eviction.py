@@ -17,6 +17,7 @@ import dataclasses
 import torch
 
 from kvsqueeze.policy import Budget, Policy, ScoreInput
+from kvsqueeze.policy.allocate import UniformAllocator
 from kvsqueeze.policy.schedule import FlatSchedule
 from kvsqueeze.store import PagedKV
 
@@ -49,7 +50,10 @@ def evict_heads(
     queries = recent.new_zeros(hkv, group, longest, d)
     queries[:, :, longest - w :] = recent[:, recent.shape[1] - w :].view(hkv, group, w, d)
     x = ScoreInput(queries, left_keys[:, None], left_values[:, None], valid, scaling, min(policy.window, w))
-    cut = dataclasses.replace(policy, budget=Budget(tokens=target), schedule=FlatSchedule())
+    # Each head is its own sequence here: there is nothing to allocate between heads or layers.
+    cut = dataclasses.replace(
+        policy, budget=Budget(tokens=target), schedule=FlatSchedule(), allocator=UniformAllocator(), share_scorer=None
+    )
     keep_left = cut.keep_mask(x, layer_idx, num_layers)[:, 0]  # [hkv, L], left-aligned
     keep = keep_left.gather(1, (column + shift[:, None]).clamp_max(longest - 1)) & live
     keep[~over.to(keep.device)] = live[~over.to(keep.device)]

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from kvsqueeze.engine.block_manager import BlockManager
+from kvsqueeze.engine.cross_layer import CrossLayerCompression
 from kvsqueeze.engine.decode_eviction import evict_heads
 from kvsqueeze.engine.scheduler import ScheduledChunk
 from kvsqueeze.ops import dense_causal_attention, policy_scores
@@ -101,6 +102,7 @@ class PagedCompressedCache:
         self._prompt_queries: dict[tuple[int, int], list[torch.Tensor]] = {}  # (seq, layer) -> [n, hq, d] chunks
         self._recent: dict[tuple[int, int], torch.Tensor] = {}  # (seq, layer) -> last queries [hq, w, d]
         self._evictions: list[Callable[[], object]] = []  # waiting for the entry's last reader
+        self.cross_layer = CrossLayerCompression(len(set(self.kv_entries)), self.num_layers)
         blocks.on_free.append(self._forget)
 
     def begin_step(self, chunks: list[ScheduledChunk]) -> None:
@@ -113,6 +115,7 @@ class PagedCompressedCache:
         self.blocks.free(seq_id)
 
     def _forget(self, seq_id: int) -> None:
+        self.cross_layer.forget(seq_id)
         for layer in range(self.num_layers):
             self._prompt_queries.pop((seq_id, layer), None)
             self._recent.pop((seq_id, layer), None)
@@ -262,11 +265,12 @@ class PagedCompressedCache:
             policy.window,
             self.sliding_windows[layer_idx],
         )
-        keep = policy.keep_mask(x, layer_idx, self.num_layers, policy_scores(policy.scorer, x))
-        if self.quantized:
-            store.quantize(keep[0])  # evict, then quantize what is kept
+        scores = policy_scores(policy.scorer, x)
+        apply = store.quantize if self.quantized else store.evict  # quantize: evict, then quantize what is kept
+        if policy.across_layers:  # every layer's prefill first, then one ranking over them all
+            self.cross_layer.add(chunk.seq.seq_id, policy, layer_idx, x, scores, apply)
         else:
-            store.evict(keep[0])
+            apply(policy.keep_mask(x, layer_idx, self.num_layers, scores)[0])
 
     def _compress_chunk(self, layer_idx: int, chunk: ScheduledChunk, store: PagedKV, q: torch.Tensor) -> None:
         """Per-chunk compression: after each chunk, cut every head to the layer's budget

@@ -18,13 +18,8 @@ _ids = itertools.count()
 
 
 def check_engine_policy(policy: Policy) -> None:
-    """Refuse, before anything runs, a policy the engine cannot apply: it compresses one
-    layer at a time from the prompt's own queries."""
-    if policy.across_layers:
-        raise ValueError(
-            f"{policy.name} ranks all layers at once; the engine compresses layer by layer: "
-            "use it through `kvsqueeze generate` or `eval`, or serve a per-layer policy"
-        )
+    """Refuse, before anything runs, a policy the engine cannot apply: it scores from the
+    prompt's own queries."""
     if getattr(policy.scorer, "needs_reconstruction", False):
         raise ValueError(
             f"{policy.name} scores keys with a context-reconstruction pass the engine does not run: "
