@@ -143,3 +143,26 @@ def test_pool_refuses_double_release_and_exhaustion():
     with pytest.raises(ValueError, match="not allocated"):
         pool.release(pages[:1])
     assert pool.num_free == 4
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [None, 20])
+def test_cpu_kernel_equals_the_torch_path(bits, dtype, window):
+    from kvsqueeze.ops.cpu_quantized_decode import quantized_decode_cpu, quantized_kernel_available
+
+    if not quantized_kernel_available():
+        pytest.skip("the quantized decode kernel cannot be built here")
+    stores = []
+    for seed in range(3):
+        kv, ref, g = _pair(bits, seed, keep_ratio=0.3 + 0.2 * seed, dtype=dtype)
+        if stores:
+            kv = _rehome(kv, stores[0].pool)
+        _decode(kv, ref, g, T, 5 + 9 * seed)
+        if seed == 2:
+            kv.evict(torch.rand(H, int(kv.lengths.max()), generator=g) < 0.7)
+        stores.append(kv)
+    query = torch.randn(3 * H, 2, 1, D, generator=torch.Generator().manual_seed(3))
+    q_pos = torch.full((3 * H, 1), T + 20)
+    expected = paged_quantized_attention(query, stores, q_pos, 0.3, window)
+    torch.testing.assert_close(quantized_decode_cpu(query, stores, q_pos, 0.3, window), expected, atol=1e-5, rtol=1e-5)

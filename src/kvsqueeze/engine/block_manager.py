@@ -29,7 +29,7 @@ from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.ops.cpu_extension import cpu_kernels_available
 from kvsqueeze.ops.cpu_paged_decode import blocks_needed_cpu
 from kvsqueeze.store import BlockPool, PagedKV
-from kvsqueeze.store.paged_quantized_kv import PagedQuantizedKV
+from kvsqueeze.store.paged_quantized_kv import PagedQuantizedKV, pages_to_append
 from kvsqueeze.store.quantize import KVQuantizer
 from kvsqueeze.store.quantized_block_pool import QuantizedBlockPool
 from kvsqueeze.store.quantized_kv import KVQuantConfig
@@ -101,7 +101,7 @@ class BlockManager:
         """Blocks the stores' heads take to grow by n_tokens; this runs for every running
         sequence at every step, so on the CPU one C++ call does it."""
         if self.quant is not None:
-            return sum(kv.blocks_to_append(n_tokens) for kv in stores)
+            return pages_to_append(stores, n_tokens)
         if self._cpu_kernels:
             return blocks_needed_cpu(stores, n_tokens)
         size, total = self.block_size, 0

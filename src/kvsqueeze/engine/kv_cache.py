@@ -35,11 +35,13 @@ from kvsqueeze.engine.scheduler import ScheduledChunk
 from kvsqueeze.ops import dense_causal_attention, policy_scores
 from kvsqueeze.ops.cpu_extension import cpu_kernels_available
 from kvsqueeze.ops.cpu_paged_decode import append_decode_cpu, paged_decode_cpu
+from kvsqueeze.ops.cpu_quantized_decode import quantized_decode_cpu, quantized_kernel_available
 from kvsqueeze.ops.padded_attention import padded_attention
 from kvsqueeze.ops.paged_quantized_attention import paged_quantized_attention
 from kvsqueeze.policy import ScoreInput
 from kvsqueeze.store import BlockPool, PagedKV
 from kvsqueeze.store.paged_kv import append_step, step_slots
+from kvsqueeze.store.paged_quantized_kv import append_step as append_quantized_step
 
 
 @dataclass
@@ -96,7 +98,10 @@ class PagedCompressedCache:
         if self.quantized and compress_chunks:
             raise ValueError("per-chunk compression is not supported with a quantized KV cache (kv bits < 16)")
         # Decode on the CPU reads the blocks in place and appends through the C++ kernels (ops/csrc).
-        self.cpu_kernels = blocks.pool.device.type == "cpu" and cpu_kernels_available() and not self.quantized
+        on_cpu = blocks.pool.device.type == "cpu"
+        self.cpu_kernels = on_cpu and not self.quantized and cpu_kernels_available()
+        # Quantized decode on the CPU reads the pages in place (csrc/quantized_decode.cpp).
+        self.quantized_kernel = on_cpu and self.quantized and quantized_kernel_available()
         self.chunks: list[ScheduledChunk] = []
         self.decode = DecodeRows.of([], blocks)
         self._prompt_queries: dict[tuple[int, int], list[torch.Tensor]] = {}  # (seq, layer) -> [n, hq, d] chunks
@@ -148,9 +153,9 @@ class PagedCompressedCache:
             q_rows = decode.rows if query_lens is None else _rows([query_starts[i] for i in decode.chunks])
             stores = [layers[entry] for layers in decode.layers]
             if writes and self.quantized:
+                new_k, new_v = k[decode.rows].flatten(0, 1), v[decode.rows].flatten(0, 1)
+                append_quantized_step(stores, new_k, new_v, decode.positions)
                 for j, store in enumerate(stores):
-                    row = decode.rows.start + j if isinstance(decode.rows, slice) else int(decode.rows[j])
-                    store.append(k[row, :, None], v[row, :, None], decode.positions[j : j + 1])
                     if self.chunks[decode.chunks[j]].ends_prompt:  # a prompt's last chunk of one token
                         self._later(store.quantize)
             elif writes:
@@ -295,7 +300,11 @@ class PagedCompressedCache:
         if self.quantized:
             grouped = q.reshape(r * hkv, hq // hkv, 1, d)
             q_pos = positions.repeat_interleave(hkv)[:, None]
-            return paged_quantized_attention(grouped, stores, q_pos, self.scaling, window).view(r, hq, d)
+            if self.quantized_kernel:
+                out = quantized_decode_cpu(grouped, stores, q_pos, self.scaling, window, window is not None)
+            else:
+                out = paged_quantized_attention(grouped, stores, q_pos, self.scaling, window)
+            return out.view(r, hq, d)
         if self.cpu_kernels:  # reads the blocks in place: no gather
             grouped = q.view(r, hkv, hq // hkv, d)
             return paged_decode_cpu(grouped, stores, positions, self.scaling, window, window is not None).view(r, hq, d)

@@ -29,6 +29,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from kvsqueeze.store.base import KVStore
 from kvsqueeze.store.quantized_block_pool import QuantizedBlockPool
@@ -402,3 +403,43 @@ def _left_pack(
         positions.gather(1, index),
         out_live,
     )
+
+
+def append_step(
+    stores: Sequence[PagedQuantizedKV], keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor
+) -> None:
+    """One decode step of many stores over one pool: one new entry for every head of
+    every store, written into the residuals in one call. keys/values [stores x heads,
+    d] (store-major); positions [stores], store i's new position. Heads whose last
+    residual page is full take a page first; a store whose residual reaches R + G
+    quantizes a group (PagedQuantizedKV.append's rules, one entry at a time)."""
+    pool, heads = stores[0].pool, stores[0].num_heads
+    size = pool.block_size
+    end = torch.cat([kv._fp_off + kv._fp_len for kv in stores])
+    full = end >= torch.cat([kv._fp_pages for kv in stores]) * size
+    if bool(full.any()):
+        for s in full.view(len(stores), heads).any(dim=1).nonzero().flatten().tolist():
+            stores[s]._grow(1)
+    width = max(kv._fp_table.shape[1] for kv in stores)
+    table = torch.cat([F.pad(kv._fp_table, (0, width - kv._fp_table.shape[1]), value=-1) for kv in stores])
+    pages = table[torch.arange(len(end)), end // size]
+    pool.write_full(pages, end % size, keys, values, positions.repeat_interleave(heads))
+    flush_at = stores[0].residual_len + pool.group
+    for kv in stores:
+        kv._fp_len = kv._fp_len + 1
+        if int(kv._fp_len.max()) >= flush_at:
+            kv._flush()
+            kv._sync()
+        else:
+            kv._host_lengths = kv._host_lengths + 1
+            kv._lengths = kv._host_lengths.to(pool.device)
+
+
+def pages_to_append(stores: Sequence[PagedQuantizedKV], n: int) -> int:
+    """PagedQuantizedKV.blocks_to_append summed over many stores (a sequence's layers),
+    from one computation over their heads laid end to end."""
+    size = stores[0].block_size
+    off = torch.cat([kv._fp_off for kv in stores])
+    length = torch.cat([kv._fp_len for kv in stores])
+    owned = torch.cat([kv._fp_pages for kv in stores])
+    return int((-(-(off + length + n) // size) - owned).clamp_min(0).sum())

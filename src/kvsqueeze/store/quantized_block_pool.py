@@ -193,19 +193,22 @@ class QuantizedBlockPool:
         values [n, d] (cast to the pool's dtype), positions [n]."""
         if not len(pages):
             return
-        o, d = self._offsets, self.head_dim
-        element = torch.empty((), dtype=self.dtype).element_size()
-        base = pages.to(self.device).long() * self.page_nbytes
+        o, n = self._offsets, len(pages)
+        row = self.head_dim * torch.empty((), dtype=self.dtype).element_size()
+        start = pages.to(self.device).long() * self.page_nbytes
         slots = slots.to(self.device).long()
-        flat = self.arena.view(-1)
-        row = torch.arange(d * element, device=self.device)
-        k = keys.to(self.dtype).contiguous().view(torch.uint8).reshape(len(pages), -1)
-        v = values.to(self.dtype).contiguous().view(torch.uint8).reshape(len(pages), -1)
-        start = base + slots * d * element
-        flat[start[:, None] + row] = k
-        flat[start[:, None] + o["fp_values"] + row] = v
-        p = positions.to(self.device, torch.int32).contiguous().view(torch.uint8).reshape(len(pages), 4)
-        flat[(base + o["fp_positions"] + 4 * slots)[:, None] + torch.arange(4, device=self.device)] = p
+        # One write of every byte: each entry's key, value and position bytes at their offsets.
+        offsets = torch.cat([
+            torch.arange(row, device=self.device)[None, :] + slots[:, None] * row,
+            o["fp_values"] + torch.arange(row, device=self.device)[None, :] + slots[:, None] * row,
+            o["fp_positions"] + torch.arange(4, device=self.device)[None, :] + slots[:, None] * 4,
+        ], dim=1)  # fmt: skip
+        data = torch.cat([
+            keys.to(self.dtype).contiguous().view(torch.uint8).reshape(n, row),
+            values.to(self.dtype).contiguous().view(torch.uint8).reshape(n, row),
+            positions.to(self.device, torch.int32).contiguous().view(torch.uint8).reshape(n, 4),
+        ], dim=1)  # fmt: skip
+        self.arena.view(-1)[start[:, None] + offsets] = data
 
     def _gather(self, pages: torch.Tensor) -> torch.Tensor:
         """Pages [...] (negative ids read page 0: callers mask them) as [..., page bytes]."""

@@ -1,0 +1,83 @@
+"""Decode attention over KIVI-quantized pages (arXiv 2402.02750) on the CPU, from a
+small C++ kernel (csrc/quantized_decode.cpp).
+
+The torch path (paged_quantized_attention.py) gathers a few columns of pages at a
+time and dequantizes them into fp32 tiles: several passes over tensors many times the
+size of the pages. The kernel reads each row's pages in place, dequantizes one key or
+value at a time into a row of d floats, and never holds more. It is built like the
+other CPU kernels (cpu_extension.py: -march=native, cached per CPU model), as its own
+module; where it cannot be built the torch path runs.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from collections.abc import Sequence
+from types import ModuleType
+
+import torch
+
+from kvsqueeze.ops.cpu_extension import CFLAGS, CSRC, _machine_tag
+from kvsqueeze.ops.paged_quantized_attention import PagedRows
+from kvsqueeze.store.paged_quantized_kv import PagedQuantizedKV
+
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+@functools.cache
+def quantized_extension() -> ModuleType | None:
+    """The compiled module, or None where it cannot be built or KVSQUEEZE_CPU_KERNEL=0."""
+    if os.environ.get("KVSQUEEZE_CPU_KERNEL", "1") == "0":
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        return load(
+            name=f"kvsqueeze_cpu_quant_{_machine_tag()}",
+            sources=[str(CSRC / "quantized_decode.cpp")],
+            extra_cflags=CFLAGS,
+            extra_ldflags=["-lmvec"],
+        )
+    except Exception as err:  # no compiler, no ninja, a failed build: the torch path still works
+        last = str(err).strip().splitlines()[-1:] or [type(err).__name__]
+        warnings.warn(f"kvsqueeze's quantized decode kernel could not be built ({last[0]}); the torch path runs",
+                      RuntimeWarning, stacklevel=2)  # fmt: skip
+        return None
+
+
+def quantized_kernel_available() -> bool:
+    return quantized_extension() is not None
+
+
+def quantized_decode_cpu(
+    query: torch.Tensor,
+    stores: Sequence[PagedQuantizedKV],
+    query_positions: torch.Tensor,
+    scaling: float,
+    sliding_window: int | None = None,
+    masked: bool = True,
+) -> torch.Tensor:
+    """paged_quantized_attention's contract for one query token per row: query [rows,
+    group, 1, d] (the stores' kv-heads stacked), query_positions [rows, 1]; returns
+    [rows, group, 1, d] in the query's dtype. masked=False promises every entry is older
+    than its query and inside any window (a plain decode step)."""
+    ext = quantized_extension()
+    if ext is None:
+        raise RuntimeError("kvsqueeze's quantized decode kernel is not available")
+    pool = stores[0].pool
+    rows = PagedRows(stores)
+    o = pool.layout(pool.head_dim, pool.quantizer, pool.dtype)
+    layout = [
+        pool.group, pool.block_size, pool.quantizer.bits, pool.quantizer.channel_group(pool.head_dim),
+        pool.page_nbytes, o["q_values"], o["q_positions"], o["q_scale"], o["fp_values"], o["fp_positions"],
+        _DTYPES[pool.dtype],
+    ]  # fmt: skip
+    out = ext.quantized_paged_decode(
+        query[:, :, 0].float().contiguous(), pool.arena,
+        rows.q_table.contiguous(), rows.q_counts.contiguous(), rows.fp_table.contiguous(),
+        rows.fp_offsets.contiguous(), rows.fp_lengths.contiguous(),
+        query_positions[:, 0].to(torch.int64).contiguous(), layout, float(scaling), sliding_window or 0, masked,
+    )  # fmt: skip
+    return out[:, :, None].to(query.dtype)
