@@ -7,25 +7,12 @@ import json
 
 import pytest
 import torch
-
-from kvsqueeze.cli import main
-from kvsqueeze.hf.tiny import byte_tokenizer, tiny_model
+from cli_cases import run, saved_model
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    model = tiny_model("llama", max_positions=512, seed=2)
-    path = tmp_path_factory.mktemp("cli-engine")
-    model.save_pretrained(path)
-    byte_tokenizer().save_pretrained(path)
-    return str(path)
-
-
-def run(argv, capsys) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as done:
-        main(argv)
-    out = capsys.readouterr()
-    return done.value.code, out.out, out.err
+    return saved_model(tmp_path_factory, "cli-engine")
 
 
 def test_bench_engine_reports_every_policy(folder, capsys):

@@ -7,25 +7,12 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from kvsqueeze.cli import main
-from kvsqueeze.hf.tiny import byte_tokenizer, tiny_model
+from cli_cases import run, saved_model
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    model = tiny_model("llama", max_positions=512, seed=2, head_dim=64)
-    path = tmp_path_factory.mktemp("cli-engine-quant")
-    model.save_pretrained(path)
-    byte_tokenizer().save_pretrained(path)
-    return str(path)
-
-
-def run(argv, capsys) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as done:
-        main(argv)
-    out = capsys.readouterr()
-    return done.value.code, out.out, out.err
+    return saved_model(tmp_path_factory, "cli-engine-quant", head_dim=64)
 
 
 def test_bench_engine_at_4_bits_stores_fewer_bytes(folder, capsys):
