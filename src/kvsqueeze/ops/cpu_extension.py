@@ -23,25 +23,31 @@ SOURCES = ["module.cpp", "paged_decode.cpp", "layer_ops.cpp", "block_slots.cpp"]
 CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
 
 
-@functools.cache
-def cpu_extension() -> ModuleType | None:
-    """The compiled module, or None where it cannot be built or is switched off."""
+def build_extension(name: str, sources: list[str], what: str) -> ModuleType | None:
+    """Compile (or load the cached build of) csrc/`sources` as module `name` for this CPU;
+    None, said once as a warning, where it cannot be built or KVSQUEEZE_CPU_KERNEL=0."""
     if os.environ.get("KVSQUEEZE_CPU_KERNEL", "1") == "0":
         return None
     try:
         from torch.utils.cpp_extension import load
 
         return load(
-            name=f"kvsqueeze_cpu_{_machine_tag()}",
-            sources=[str(CSRC / name) for name in SOURCES],
+            name=f"{name}_{_machine_tag()}",
+            sources=[str(CSRC / source) for source in sources],
             extra_cflags=CFLAGS,
             extra_ldflags=["-lmvec"],
         )
     except Exception as err:  # no compiler, no ninja, a failed build: the torch paths still work
         last = str(err).strip().splitlines()[-1:] or [type(err).__name__]
-        warnings.warn(f"kvsqueeze's CPU kernels could not be built ({last[0]}); the slower torch paths run",
-                      RuntimeWarning, stacklevel=2)  # fmt: skip
+        warnings.warn(f"{what} could not be built ({last[0]}); the slower torch paths run",
+                      RuntimeWarning, stacklevel=3)  # fmt: skip
         return None
+
+
+@functools.cache
+def cpu_extension() -> ModuleType | None:
+    """The compiled module, or None where it cannot be built or is switched off."""
+    return build_extension("kvsqueeze_cpu", SOURCES, "kvsqueeze's CPU kernels")
 
 
 def _machine_tag() -> str:

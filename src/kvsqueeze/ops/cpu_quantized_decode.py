@@ -12,14 +12,12 @@ module; where it cannot be built the torch path runs.
 from __future__ import annotations
 
 import functools
-import os
-import warnings
 from collections.abc import Sequence
 from types import ModuleType
 
 import torch
 
-from kvsqueeze.ops.cpu_extension import CFLAGS, CSRC, _machine_tag
+from kvsqueeze.ops.cpu_extension import build_extension
 from kvsqueeze.ops.paged_quantized_attention import PagedRows
 from kvsqueeze.store.paged_quantized_kv import PagedQuantizedKV
 
@@ -29,22 +27,7 @@ _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 @functools.cache
 def quantized_extension() -> ModuleType | None:
     """The compiled module, or None where it cannot be built or KVSQUEEZE_CPU_KERNEL=0."""
-    if os.environ.get("KVSQUEEZE_CPU_KERNEL", "1") == "0":
-        return None
-    try:
-        from torch.utils.cpp_extension import load
-
-        return load(
-            name=f"kvsqueeze_cpu_quant_{_machine_tag()}",
-            sources=[str(CSRC / "quantized_decode.cpp")],
-            extra_cflags=CFLAGS,
-            extra_ldflags=["-lmvec"],
-        )
-    except Exception as err:  # no compiler, no ninja, a failed build: the torch path still works
-        last = str(err).strip().splitlines()[-1:] or [type(err).__name__]
-        warnings.warn(f"kvsqueeze's quantized decode kernel could not be built ({last[0]}); the torch path runs",
-                      RuntimeWarning, stacklevel=2)  # fmt: skip
-        return None
+    return build_extension("kvsqueeze_cpu_quant", ["quantized_decode.cpp"], "kvsqueeze's quantized decode kernel")
 
 
 def quantized_kernel_available() -> bool:
