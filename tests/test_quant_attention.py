@@ -14,12 +14,12 @@ D = 32
 TOL = dict(atol=2e-5, rtol=2e-5)
 
 
-def make_store(bits: int, key_axis: str = "channel", seed: int = 0) -> QuantizedKV:
+def make_store(bits: int, key_axis: str = "channel", seed: int = 0, head_dim: int = D) -> QuantizedKV:
     """Six heads keeping ragged random subsets of 90 tokens (one head keeps none),
     then a few decode appends: quantized runs, shrunken groups and residuals mixed."""
     gen = torch.Generator().manual_seed(seed)
     heads, t = 6, 90
-    keys, values = torch.randn(heads, t + 8, D, generator=gen), torch.randn(heads, t + 8, D, generator=gen)
+    keys, values = (torch.randn(heads, t + 8, head_dim, generator=gen) for _ in range(2))
     keep = torch.rand(heads, t, generator=gen) < torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0, 0.3])[:, None]
     kv = QuantizedKV.from_dense(
         keys[:, :t], values[:, :t], keep, quantizer=KVQuantizer(bits=bits, group=8, key_axis=key_axis), residual_len=6
@@ -55,6 +55,32 @@ def test_a_chunk_with_causal_masking_and_a_window(window):
     torch.testing.assert_close(got, want, **TOL)
     # Head 0 kept no prompt entry: its query at position 3 sees nothing and gets zeros.
     assert torch.equal(got[0, :, 0], torch.zeros_like(got[0, :, 0]))
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("head_dim", [32, 64])  # 64 has its own compiled loops, 32 takes the generic ones
+@pytest.mark.parametrize("positions", ["int16", "int32"])
+def test_cpu_decode_kernel_equals_the_torch_path(bits, head_dim, positions):
+    """The C++ decode kernel, through attend(): a plain step (no mask), a step at an
+    earlier position with a window (masked), on shrunken groups and residuals."""
+    from kvsqueeze.ops.cpu_quantized_decode import quantized_flat_decode_cpu, quantized_kernel_available
+
+    if not quantized_kernel_available():
+        pytest.skip("the quantized decode kernel cannot be built here")
+    kv = make_store(bits, seed=7, head_dim=head_dim)
+    newest = 98
+    if positions == "int32":  # a position past int16's range widens the store's positions
+        newest = 40_000
+        kv.append(torch.randn(kv.num_heads, 1, head_dim), torch.randn(kv.num_heads, 1, head_dim), torch.tensor([newest]))
+    assert kv.codes.positions.dtype == getattr(torch, positions)
+    query = torch.randn(kv.num_heads, 3, 1, head_dim, generator=torch.Generator().manual_seed(8))
+    for q_at, window in ((newest + 1, None), (60, 25)):
+        q_pos = torch.full((kv.num_heads, 1), q_at)
+        want = quantized_attention_reference(query, kv, q_pos, 0.3, window)
+        torch.testing.assert_close(attend(query, kv, q_pos, 0.3, window), want, **TOL)
+        torch.testing.assert_close(quantized_flat_decode_cpu(query, kv, q_pos, 0.3, window), want, **TOL)
+    # Head 0 kept no prompt entry and its residual is newer than position 60: zeros.
+    assert torch.equal(want[0], torch.zeros_like(want[0]))
 
 
 def test_bf16_query_gets_bf16_output_close_to_the_dequantized_reference():

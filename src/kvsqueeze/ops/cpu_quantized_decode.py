@@ -1,12 +1,13 @@
-"""Decode attention over KIVI-quantized pages (arXiv 2402.02750) on the CPU, from a
-small C++ kernel (csrc/quantized_decode.cpp).
+"""Decode attention over KIVI-quantized K/V (arXiv 2402.02750) on the CPU, from a
+small C++ kernel (csrc/quantized_decode.cpp), for the engine's pages and the HF
+path's flat store.
 
-The torch path (paged_quantized_attention.py) gathers a few columns of pages at a
-time and dequantizes them into fp32 tiles: several passes over tensors many times the
-size of the pages. The kernel reads each row's pages in place, dequantizes one key or
-value at a time into a row of d floats, and never holds more. It is built like the
-other CPU kernels (cpu_extension.py: -march=native, cached per CPU model), as its own
-module; where it cannot be built the torch path runs.
+The torch paths (paged_quantized_attention.py, quantized_attention.py) dequantize a
+block of entries at a time into fp32 tiles: several passes over tensors many times
+the size of the codes. The kernel reads each row's codes in place and folds a key
+group's scale and zero point into the queries, so a key costs an unpack and a dot.
+It is built like the other CPU kernels (cpu_extension.py: -march=native, cached per
+CPU model), as its own module; where it cannot be built the torch paths run.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ import torch
 
 from kvsqueeze.ops.cpu_extension import build_extension
 from kvsqueeze.ops.paged_quantized_attention import PagedRows
+from kvsqueeze.store.flat_kv import FlatKV
 from kvsqueeze.store.paged_quantized_kv import PagedQuantizedKV
+from kvsqueeze.store.quantized_kv import QuantizedKV
 
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -62,5 +65,37 @@ def quantized_decode_cpu(
         rows.q_table.contiguous(), rows.q_counts.contiguous(), rows.fp_table.contiguous(),
         rows.fp_offsets.contiguous(), rows.fp_lengths.contiguous(),
         query_positions[:, 0].to(torch.int64).contiguous(), layout, float(scaling), sliding_window or 0, masked,
+    )  # fmt: skip
+    return out[:, :, None].to(query.dtype)
+
+
+def quantized_flat_decode_cpu(
+    query: torch.Tensor,
+    kv: QuantizedKV,
+    query_positions: torch.Tensor,
+    scaling: float,
+    sliding_window: int | None = None,
+    masked: bool = True,
+) -> torch.Tensor:
+    """quantized_attention's contract for one query token per head over a QuantizedKV
+    with per-channel keys: query [heads, group, 1, d], query_positions [heads, 1];
+    returns [heads, group, 1, d] in the query's dtype. masked=False promises every
+    entry is older than its query and inside any window (a plain decode step)."""
+    ext = quantized_extension()
+    if ext is None:
+        raise RuntimeError("kvsqueeze's quantized decode kernel is not available")
+    codes, groups, residual = kv.codes, kv.groups, kv.residual
+    d = kv.head_dim
+
+    def runs(store: FlatKV) -> list[torch.Tensor]:
+        return [store.starts.to(torch.int64).contiguous(), store.lengths.to(torch.int64).contiguous()]
+
+    out = ext.quantized_flat_decode(
+        query[:, :, 0].float().contiguous(),
+        codes.keys.contiguous(), codes.values.contiguous(), codes.positions.contiguous(), *runs(codes),
+        groups.keys.contiguous(), groups.values.contiguous(), groups.positions.contiguous(), *runs(groups),
+        residual.keys.contiguous(), residual.values.contiguous(), residual.positions.contiguous(), *runs(residual),
+        query_positions[:, 0].to(torch.int64).contiguous(), kv.quantizer.bits, kv.quantizer.channel_group(d),
+        float(scaling), sliding_window or 0, masked,
     )  # fmt: skip
     return out[:, :, None].to(query.dtype)

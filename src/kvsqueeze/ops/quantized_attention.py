@@ -7,7 +7,8 @@ softmax (the flash-attention recurrence: running max, running sum, rescaled
 accumulator), so at most one block is ever dequantized. All heads go through each
 block together, padded to the longest: a handful of batched matmuls per layer
 instead of one call per head. It computes in fp32 and is the oracle for the fused
-Triton kernel (triton_quantized_decode.py), which CUDA decode steps take.
+kernels decode steps take: Triton on CUDA (triton_quantized_decode.py), C++ on the
+CPU (cpu_quantized_decode.py).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from kvsqueeze.ops._triton import use_triton
+from kvsqueeze.ops.ragged_attention import needs_mask
 from kvsqueeze.store.quantized_kv import QuantizedKV
 
 # Entries per block: a [heads, block, head_dim] fp32 tile of keys and one of values.
@@ -30,10 +32,18 @@ def quantized_attention(
 ) -> torch.Tensor:
     """ops.ragged_attention's contract over a QuantizedKV: query [heads, group, q, d],
     query_positions [heads, q]; returns [heads, group, q, d] in the query's dtype."""
-    if query.shape[2] == 1 and kv.quantizer.keys_per_channel and use_triton(query, kv.codes.keys):
+    decode = query.shape[2] == 1 and kv.quantizer.keys_per_channel
+    if decode and use_triton(query, kv.codes.keys):
         from kvsqueeze.ops.triton_quantized_decode import quantized_decode_attention
 
         return quantized_decode_attention(query, kv, scaling, query_positions, sliding_window)
+    if decode and query.device.type == "cpu":
+        # Imported here: the kernel's module imports the paged path, which imports this one.
+        from kvsqueeze.ops.cpu_quantized_decode import quantized_flat_decode_cpu, quantized_kernel_available
+
+        if quantized_kernel_available():
+            masked = needs_mask(kv, query_positions, sliding_window)
+            return quantized_flat_decode_cpu(query, kv, query_positions, scaling, sliding_window, masked)
     return quantized_attention_reference(query, kv, query_positions, scaling, sliding_window)
 
 
