@@ -71,7 +71,8 @@ def test_cpu_decode_kernel_equals_the_torch_path(bits, head_dim, positions):
     newest = 98
     if positions == "int32":  # a position past int16's range widens the store's positions
         newest = 40_000
-        kv.append(torch.randn(kv.num_heads, 1, head_dim), torch.randn(kv.num_heads, 1, head_dim), torch.tensor([newest]))
+        entry = torch.randn(kv.num_heads, 1, head_dim)
+        kv.append(entry, -entry, torch.tensor([newest]))
     assert kv.codes.positions.dtype == getattr(torch, positions)
     query = torch.randn(kv.num_heads, 3, 1, head_dim, generator=torch.Generator().manual_seed(8))
     for q_at, window in ((newest + 1, None), (60, 25)):
