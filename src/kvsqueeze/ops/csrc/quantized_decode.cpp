@@ -203,6 +203,29 @@ RowKernel row_kernel(const Format& F) {
   return F.bits == 2 ? row_kernel_for<2>(F.d) : F.bits == 4 ? row_kernel_for<4>(F.d) : row_kernel_for<8>(F.d);
 }
 
+// Every row of query [rows, group, d] through the kernel, in parallel: runs(r, quant,
+// full) lists row r's runs into the two (cleared) lists.
+template <typename Runs>
+void attend_rows(const torch::Tensor& query, torch::Tensor& out, const Format& F, const torch::Tensor& query_positions,
+                 int64_t window, bool masked, double scale, Runs runs) {
+  const int64_t group = query.size(1), d = query.size(2);
+  const int64_t* qp = query_positions.data_ptr<int64_t>();
+  const float* q = query.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  const RowKernel kernel = row_kernel(F);
+  at::parallel_for(0, query.size(0), 1, [&](int64_t begin, int64_t end) {
+    std::vector<QuantRun> quant;
+    std::vector<FullRun> full;
+    for (int64_t r = begin; r < end; ++r) {
+      quant.clear();
+      full.clear();
+      runs(r, quant, full);
+      kernel(q + r * group * d, o + r * group * d, quant, full, F, group, qp[r], window, masked,
+             static_cast<float>(scale));
+    }
+  });
+}
+
 void check_int64_rows(std::initializer_list<const torch::Tensor*> tensors, int64_t rows, const char* what) {
   for (const auto* t : tensors) {
     TORCH_CHECK(t->scalar_type() == torch::kInt64 && t->is_contiguous() && t->size(0) == rows, what,
@@ -244,7 +267,7 @@ torch::Tensor quantized_paged_decode(torch::Tensor query, torch::Tensor arena, t
   const int64_t q_values = layout[5], q_positions = layout[6], q_scale = layout[7];
   const int64_t fp_values = layout[8], fp_positions = layout[9];
   TORCH_CHECK(page_bytes == arena.size(1), "layout and arena disagree on the page size");
-  const int64_t rows = query.size(0), group = query.size(1), d = query.size(2);
+  const int64_t rows = query.size(0), d = query.size(2);
   const Format F{d, layout[2], layout[3], layout[10], 4};
   const int64_t esize = F.fp_dtype == 0 ? 4 : 2;
   check_int64_rows({&q_table, &q_counts, &fp_table, &fp_off, &fp_len, &query_positions}, rows,
@@ -266,34 +289,24 @@ torch::Tensor quantized_paged_decode(torch::Tensor query, torch::Tensor arena, t
       TORCH_CHECK(ft[r * fp_width + c] >= 0 && ft[r * fp_width + c] < pages, "row ", r, ": a residual page is missing");
     }
   }
-  const int64_t* qp = query_positions.data_ptr<int64_t>();
   const uint8_t* base = arena.data_ptr<uint8_t>();
-  const float* q = query.data_ptr<float>();
-  float* o = out.data_ptr<float>();
-  const RowKernel kernel = row_kernel(F);
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-    std::vector<QuantRun> quant;
-    std::vector<FullRun> full;
-    for (int64_t r = begin; r < end; ++r) {
-      quant.clear();
-      full.clear();
-      for (int64_t c = 0; c < q_width; ++c) {
-        const int64_t page = qt[r * q_width + c];
-        if (page < 0) continue;
-        const uint8_t* p = base + page * page_bytes;
-        quant.push_back({p, p + q_values, p + q_positions, p + q_scale, p + q_scale + 2 * d, qc[r * q_width + c]});
-      }
-      // The residual's entries [fp_off, fp_off + fp_len) of its pages, one run per page.
-      for (int64_t s = fo[r]; s < fo[r] + fl[r];) {
-        const int64_t w = s % block_size, count = std::min(block_size - w, fo[r] + fl[r] - s);
-        const uint8_t* p = base + ft[r * fp_width + s / block_size] * page_bytes;
-        full.push_back({p + w * d * esize, p + fp_values + w * d * esize, p + fp_positions + 4 * w, count});
-        s += count;
-      }
-      kernel(q + r * group * d, o + r * group * d, quant, full, F, group, qp[r], window, masked,
-                 static_cast<float>(scale));
-    }
-  });
+  attend_rows(query, out, F, query_positions, window, masked, scale,
+              [&](int64_t r, std::vector<QuantRun>& quant, std::vector<FullRun>& full) {
+                for (int64_t c = 0; c < q_width; ++c) {
+                  const int64_t page = qt[r * q_width + c];
+                  if (page < 0) continue;
+                  const uint8_t* p = base + page * page_bytes;
+                  quant.push_back(
+                      {p, p + q_values, p + q_positions, p + q_scale, p + q_scale + 2 * d, qc[r * q_width + c]});
+                }
+                // The residual's entries [fp_off, fp_off + fp_len) of its pages, one run per page.
+                for (int64_t s = fo[r]; s < fo[r] + fl[r];) {
+                  const int64_t w = s % block_size, count = std::min(block_size - w, fo[r] + fl[r] - s);
+                  const uint8_t* p = base + ft[r * fp_width + s / block_size] * page_bytes;
+                  full.push_back({p + w * d * esize, p + fp_values + w * d * esize, p + fp_positions + 4 * w, count});
+                  s += count;
+                }
+              });
   return out;
 }
 
@@ -311,7 +324,7 @@ torch::Tensor quantized_flat_decode(torch::Tensor query, torch::Tensor key_codes
                                     torch::Tensor r_lengths, torch::Tensor query_positions, int64_t bits,
                                     int64_t value_group, double scale, int64_t window, bool masked) {
   auto out = check_query(query);
-  const int64_t rows = query.size(0), group = query.size(1), d = query.size(2);
+  const int64_t rows = query.size(0), d = query.size(2);
   check_int64_rows({&starts, &lengths, &group_starts, &group_lengths, &r_starts, &r_lengths, &query_positions}, rows,
                    "starts, lengths and query positions");
   for (const auto* t : {&key_codes, &value_rows}) {
@@ -348,7 +361,6 @@ torch::Tensor quantized_flat_decode(torch::Tensor query, torch::Tensor key_codes
     for (int64_t k = gs[r]; k < gs[r] + gl[r]; ++k) covered += counts[k];
     TORCH_CHECK(covered == ln[r], "row ", r, ": key groups cover ", covered, " entries, the codes hold ", ln[r]);
   }
-  const int64_t* qp = query_positions.data_ptr<int64_t>();
   const uint8_t* kc = key_codes.data_ptr<uint8_t>();
   const uint8_t* vr = value_rows.data_ptr<uint8_t>();
   const uint8_t* pos = static_cast<const uint8_t*>(positions.data_ptr());
@@ -358,27 +370,17 @@ torch::Tensor quantized_flat_decode(torch::Tensor query, torch::Tensor key_codes
   const uint8_t* rv = static_cast<const uint8_t*>(r_values.data_ptr());
   const uint8_t* rp = static_cast<const uint8_t*>(r_positions.data_ptr());
   const int64_t psize = F.position_size;
-  const float* q = query.data_ptr<float>();
-  float* o = out.data_ptr<float>();
-  const RowKernel kernel = row_kernel(F);
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-    std::vector<QuantRun> quant;
-    std::vector<FullRun> full;
-    for (int64_t r = begin; r < end; ++r) {
-      quant.clear();
-      full.clear();
-      int64_t e = st[r];
-      for (int64_t k = gs[r]; k < gs[r] + gl[r]; ++k) {
-        if (counts[k] == 0) continue;
-        quant.push_back({kc + e * key_bytes, vr + e * row_bytes, pos + e * psize, ksc + k * 2 * d, kze + k * 2 * d,
-                         counts[k]});
-        e += counts[k];
-      }
-      if (rl[r]) full.push_back({rk + rs[r] * d * esize, rv + rs[r] * d * esize, rp + rs[r] * psize, rl[r]});
-      kernel(q + r * group * d, o + r * group * d, quant, full, F, group, qp[r], window, masked,
-                 static_cast<float>(scale));
-    }
-  });
+  attend_rows(query, out, F, query_positions, window, masked, scale,
+              [&](int64_t r, std::vector<QuantRun>& quant, std::vector<FullRun>& full) {
+                int64_t e = st[r];
+                for (int64_t k = gs[r]; k < gs[r] + gl[r]; ++k) {
+                  if (counts[k] == 0) continue;
+                  quant.push_back({kc + e * key_bytes, vr + e * row_bytes, pos + e * psize, ksc + k * 2 * d,
+                                   kze + k * 2 * d, counts[k]});
+                  e += counts[k];
+                }
+                if (rl[r]) full.push_back({rk + rs[r] * d * esize, rv + rs[r] * d * esize, rp + rs[r] * psize, rl[r]});
+              });
   return out;
 }
 
