@@ -1,8 +1,8 @@
 """The engine end to end on tiny random models saved as HF folders: its greedy tokens
-equal the HF path's (KVSqueezeCache in model.generate) for the full cache and every
-compressing preset, with requests of different lengths arriving at different times,
-prompts longer than one prefill chunk, and a pool small enough to preempt; the pool
-is whole when the engine is idle."""
+equal the HF path's (KVSqueezeCache in model.generate; KVzip's reconstruction for the
+kvzip presets) for the full cache and every compressing preset, with requests of
+different lengths arriving at different times, prompts longer than one prefill chunk,
+and a pool small enough to preempt; the pool is whole when the engine is idle."""
 
 from __future__ import annotations
 
@@ -11,10 +11,14 @@ import torch
 
 from kvsqueeze.engine.llm import LLM
 from kvsqueeze.engine.sampling_params import SamplingParams
-from kvsqueeze.engine.sequence import check_engine_policy
 from kvsqueeze.hf import KVSqueezeCache
-from kvsqueeze.hf.tiny import save_folder, spread_weights, tiny_model
+from kvsqueeze.hf.cache import use_kvsqueeze_attention
+from kvsqueeze.hf.decode import greedy
+from kvsqueeze.hf.kvzip import reconstruct
+from kvsqueeze.hf.prefill import record_prefill
+from kvsqueeze.hf.tiny import byte_tokenizer, save_folder, spread_weights, tiny_model
 from kvsqueeze.policy import make_policy, policy_names
+from kvsqueeze.policy.reconstruction import needs_reconstruction
 
 NEW = 6
 KEEP, WINDOW = 0.3, 4
@@ -45,19 +49,10 @@ def saved(request, tmp_path_factory):
     return _saved(request.param, tmp_path_factory)
 
 
-def engine_runs(name: str) -> bool:
-    """Reconstruction (kvzip) policies are refused by the engine, which scores from the
-    prompt's own queries."""
-    try:
-        check_engine_policy(make_policy(name))
-    except ValueError:
-        return False
-    return True
-
-
 # Every preset on Llama; the other architectures (Qwen2's biases, Mistral's sliding window) on a few.
-CASES = [("llama", n) for n in policy_names() if engine_runs(n)] + [
-    ("qwen2", "full"), ("qwen2", "ada-snapkv"), ("mistral", "full"), ("mistral", "snapkv"),
+# No kvzip on Mistral: the HF path's reconstruction cannot crop a sliding-window DynamicCache.
+CASES = [("llama", n) for n in policy_names()] + [
+    ("qwen2", "full"), ("qwen2", "ada-snapkv"), ("qwen2", "kvzip"), ("mistral", "full"), ("mistral", "snapkv"),
     ("mistral", "ada-pyramidkv"),
 ]  # fmt: skip
 
@@ -67,7 +62,13 @@ def _prompts(lengths: list[int], seed: int = 0) -> list[list[int]]:
     return [torch.randint(3, 259, (n,), generator=g).tolist() for n in lengths]
 
 
-def hf_greedy(model, ids: list[int], policy) -> list[int]:
+def hf_greedy(model, ids: list[int], policy, chunk: int = 32) -> list[int]:
+    """The HF path's greedy tokens; a KVzip policy reconstructs `ids` as a raw-text context
+    in rows of `chunk` tokens, the engine's max_num_batched_tokens in these tests."""
+    if needs_reconstruction(policy):
+        with torch.inference_mode(), use_kvsqueeze_attention(model):
+            record = reconstruct(model, byte_tokenizer(), record_prefill(model, torch.tensor([ids])), ids, False, chunk)
+            return greedy(model, record.cache(model, policy), record.last_logits, NEW, set())
     cache = KVSqueezeCache(model, policy)
     with cache, torch.no_grad():
         out = model.generate(
@@ -180,13 +181,13 @@ def test_decode_time_eviction_keeps_every_head_under_the_cap(tmp_path_factory, n
         engine.add_request([5, 6], SamplingParams(), engine.policy_for("full", None, None), max_kv_tokens=64)
 
 
-@pytest.mark.parametrize("name", ["kvzip", "ada-kvzip"])
-def test_policies_the_engine_cannot_run_are_refused_up_front(saved, name):
+@pytest.mark.parametrize("name", ["kvzip", "cross-kvzip"])
+def test_what_kvzip_cannot_run_with_is_refused_up_front(saved, name):
     _, path = saved
-    with pytest.raises(ValueError, match="reconstruction"):
-        LLM(str(path), policy=name, dtype="fp32")
+    with pytest.raises(ValueError, match="compress-chunks"):
+        LLM(str(path), policy=name, dtype="fp32", compress_chunks=True)
     llm = LLM(str(path), policy="snapkv", dtype="fp32")
-    with pytest.raises(ValueError, match="reconstruction"):
-        llm.engine.add_request([5, 6, 7], SamplingParams(max_tokens=2), policy=make_policy(name))
+    with pytest.raises(ValueError, match="max_kv_tokens"):
+        llm.engine.add_request([5, 6, 7], SamplingParams(max_tokens=2), make_policy(name), max_kv_tokens=64)
     out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True), use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 2 and llm.engine.blocks.is_whole()

@@ -65,3 +65,13 @@ def test_an_across_kv_group_is_one_block_entry(saved):
     assert engine.blocks.stored_tokens(seq.seq_id) == 40 * entries * engine.config.num_kv_heads
     stored, full = engine.stored_and_full_tokens()
     assert stored / full == pytest.approx(entries / LAYERS)
+
+
+def test_kvzip_is_refused_on_a_swiftkv_model(saved):
+    _, path, _ = saved
+    with pytest.raises(ValueError, match="SwiftKV"):
+        LLM(str(path), policy="kvzip", dtype="fp32")
+    llm = LLM(str(path), policy="snapkv", dtype="fp32")
+    with pytest.raises(ValueError, match="SwiftKV"):
+        llm.engine.add_request(_ids(20, 5), SamplingParams(max_tokens=2), make_policy("ada-kvzip"))
+    assert llm.engine.blocks.is_whole()

@@ -103,7 +103,7 @@ def serve(
 
     check_device(device.value)
     # Bad names and budgets, and policies the engine cannot run, fail before the model loads.
-    check_engine_policy(_policy(policy, keep, tokens, window, alpha, {}))
+    check_engine_policy(_policy(policy, keep, tokens, window, alpha, {}), compress_chunks)
     parse_bytes(kv_memory)
     _engine_quant(kv_bits, kv_group, kv_residual, compress_chunks)
     folder = model_folder(model)
@@ -156,7 +156,7 @@ def bench_engine(
         raise KVSqueezeError("give either --keep or --tokens, not both")
     names = list(_policy_list(policies))
     for name in names:
-        check_engine_policy(_policy(name, keep, tokens, window, 0.2, {}))
+        check_engine_policy(_policy(name, keep, tokens, window, 0.2, {}), compress_chunks)
     check_device(device.value)
     parse_bytes(kv_memory)
     quant = _engine_quant(kv_bits, kv_group, kv_residual, compress_chunks)

@@ -8,7 +8,10 @@ prompt tokens than the workload has). The peak is where the footprint is largest
 the uncompressed prompt just before the policy compresses it, or the end of the
 generation, when the kept prompt and every generated token (up to the per-head
 decoding cap) are stored; once a sequence has compressed, only the second remains,
-so a compressed sequence reserves its compressed footprint.
+so a compressed sequence reserves its compressed footprint. A KVzip sequence's
+reconstruction rows (engine/kvzip.py) hold no block: their K/V live only in the
+step's activations, like a prefill chunk's, so until its last row the sequence
+holds its uncompressed prompt, the first peak, and nothing more.
 
 With a KIVI-quantized cache (arXiv 2402.02750; store/paged_quantized_kv.py) the
 prompt is held in full-precision pages until it is compressed, then the kept entries

@@ -11,6 +11,11 @@ first chunk, and its keys), exactly as the HF path does after a dense prefill, a
 evicts; the freed blocks go back to the pool at once. With `compress_chunks`, every
 prompt chunk is compressed as soon as it has run instead (bounded peak KV).
 
+A KVzip policy (arXiv 2505.23416) waits instead for the sequence's reconstruction rows
+(engine/kvzip.py), which run in later steps: a row attends over the uncompressed
+prompt and its own keys, stores nothing, and leaves each layer its queries and keys;
+after the last row every layer scores with them and evicts.
+
 With a quantizing BlockManager (KIVI, arXiv 2402.02750) the stores are
 PagedQuantizedKV: the prompt stays in full precision until the policy has scored
 it, then its kept entries are quantized (`quantize` instead of `evict`; a policy that
@@ -39,6 +44,7 @@ from kvsqueeze.ops.cpu_quantized_decode import quantized_decode_cpu, quantized_k
 from kvsqueeze.ops.padded_attention import padded_attention
 from kvsqueeze.ops.paged_quantized_attention import paged_quantized_attention
 from kvsqueeze.policy import ScoreInput
+from kvsqueeze.policy.score import ReconstructionChunk
 from kvsqueeze.store import BlockPool, PagedKV
 from kvsqueeze.store.paged_kv import append_step, step_slots
 from kvsqueeze.store.paged_quantized_kv import append_step as append_quantized_step
@@ -60,7 +66,11 @@ class DecodeRows:
     @classmethod
     def of(cls, chunks: list[ScheduledChunk], blocks: BlockManager) -> DecodeRows:
         starts = list(itertools.accumulate((c.num_tokens for c in chunks), initial=0))
-        picked = [i for i, c in enumerate(chunks) if c.num_tokens == 1 and not c.scored and c.seq.seq_id in blocks.kv]
+        picked = [
+            i
+            for i, c in enumerate(chunks)
+            if c.num_tokens == 1 and not c.scored and not c.repeats and c.seq.seq_id in blocks.kv
+        ]
         return cls(
             chunks=picked,
             others=sorted(set(range(len(chunks))) - set(picked)),
@@ -106,6 +116,7 @@ class PagedCompressedCache:
         self.decode = DecodeRows.of([], blocks)
         self._prompt_queries: dict[tuple[int, int], list[torch.Tensor]] = {}  # (seq, layer) -> [n, hq, d] chunks
         self._recent: dict[tuple[int, int], torch.Tensor] = {}  # (seq, layer) -> last queries [hq, w, d]
+        self._rebuilt: dict[tuple[int, int], list[ReconstructionChunk]] = {}  # (seq, layer) -> KVzip rows so far
         self._evictions: list[Callable[[], object]] = []  # waiting for the entry's last reader
         self.cross_layer = CrossLayerCompression(len(set(self.kv_entries)), self.num_layers)
         blocks.on_free.append(self._forget)
@@ -124,6 +135,7 @@ class PagedCompressedCache:
         for layer in range(self.num_layers):
             self._prompt_queries.pop((seq_id, layer), None)
             self._recent.pop((seq_id, layer), None)
+            self._rebuilt.pop((seq_id, layer), None)
 
     def attend(
         self,
@@ -147,7 +159,10 @@ class PagedCompressedCache:
             chunk = self.chunks[i]
             span, q_span = slice(starts[i], starts[i + 1]), slice(query_starts[i], query_starts[i + 1])
             store = self.blocks.layer(chunk.seq.seq_id, entry)
-            out[q_span] = self._chunk(layer_idx, chunk, q[q_span], k[span], v[span], store, writes)
+            if chunk.repeats:
+                out[q_span] = self._repeat(layer_idx, chunk, q[q_span], k[span], v[span], store)
+            else:
+                out[q_span] = self._chunk(layer_idx, chunk, q[q_span], k[span], v[span], store, writes)
         if decode.chunks:
             # SwiftKV's upper layers run fewer query rows than key rows before a decode row.
             q_rows = decode.rows if query_lens is None else _rows([query_starts[i] for i in decode.chunks])
@@ -238,7 +253,7 @@ class PagedCompressedCache:
         elif chunk.scored:
             key = (chunk.seq.seq_id, layer_idx)
             self._prompt_queries.setdefault(key, []).append(q)
-            if chunk.compresses:
+            if chunk.compresses and not chunk.seq.repeat_rows:  # KVzip: after the reconstruction (_repeat)
                 queries = torch.cat(self._prompt_queries.pop(key))
                 # A prompt that ran as one chunk is these keys and values: no gather of the store.
                 dense = (keys, values) if first else None
@@ -248,6 +263,30 @@ class PagedCompressedCache:
             self._later(self._bound, layer_idx, chunk, store, q)
         return out.transpose(0, 1)
 
+    def _repeat(
+        self, layer_idx: int, chunk: ScheduledChunk, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, store: PagedKV
+    ) -> torch.Tensor:
+        """A KVzip reconstruction row, q/k/v [r, heads, d]: attend over the uncompressed
+        context the store holds (every head whole, positions 0..t-1) and the row itself,
+        causally, as the HF path's forward over the prompt's cache does; keep the row's
+        queries and keys for the scorer and store nothing. After the sequence's last
+        row, score and evict."""
+        seq = chunk.seq
+        row = seq.repeat_rows[seq.num_repeated]
+        context_keys, context_values = store.padded()[:2]  # [hkv, t, d]
+        keys = torch.cat([context_keys.to(k.dtype), k.transpose(0, 1)], dim=1)
+        values = torch.cat([context_values.to(v.dtype), v.transpose(0, 1)], dim=1)
+        queries = q.transpose(0, 1)  # [hq, r, d]
+        window = self.sliding_windows[layer_idx]
+        out = dense_causal_attention(queries[None], keys[None], values[None], None, self.scaling, window)[0]
+        key = (seq.seq_id, layer_idx)
+        rebuilt = self._rebuilt.setdefault(key, [])
+        rebuilt.append(ReconstructionChunk(row.start, row.end, queries[None], k.transpose(0, 1)[None]))
+        if chunk.last_repeat:
+            prompt_queries = torch.cat(self._prompt_queries.pop(key))
+            self._later(self._compress, layer_idx, chunk, store, prompt_queries, None, tuple(self._rebuilt.pop(key)))
+        return out.transpose(0, 1)
+
     def _compress(
         self,
         layer_idx: int,
@@ -255,9 +294,11 @@ class PagedCompressedCache:
         store: PagedKV,
         queries: torch.Tensor,
         dense: tuple[torch.Tensor, torch.Tensor] | None = None,
+        reconstruction: tuple[ReconstructionChunk, ...] = (),
     ) -> None:
         """Score the whole prompt, or its shared prefix (all heads hold it uncompressed), and
-        evict. `dense`: the keys and values [hkv, t, d] the store holds, when at hand."""
+        evict. `dense`: the keys and values [hkv, t, d] the store holds, when at hand;
+        `reconstruction`: a KVzip policy's rows (_repeat)."""
         policy = chunk.seq.policy
         keys, values = dense if dense is not None else store.padded()[:2]  # [hkv, t, d]
         t = keys.shape[1]
@@ -269,6 +310,7 @@ class PagedCompressedCache:
             self.scaling,
             policy.window,
             self.sliding_windows[layer_idx],
+            reconstruction,
         )
         scores = policy_scores(policy.scorer, x)
         apply = store.quantize if self.quantized else store.evict  # quantize: evict, then quantize what is kept

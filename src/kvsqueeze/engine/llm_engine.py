@@ -15,6 +15,7 @@ from kvsqueeze.engine.attention_batch import AttentionBatch
 from kvsqueeze.engine.block_manager import BlockManager
 from kvsqueeze.engine.detokenizer import take_delta, update_text
 from kvsqueeze.engine.kv_cache import PagedCompressedCache
+from kvsqueeze.engine.kvzip import context_rows
 from kvsqueeze.engine.metrics import EngineMetrics
 from kvsqueeze.engine.model_runner import ModelRunner, resolve_dtype
 from kvsqueeze.engine.output import CompletionOutput, RequestOutput
@@ -24,6 +25,7 @@ from kvsqueeze.engine.scheduler import ScheduledChunk, Scheduler
 from kvsqueeze.engine.sequence import Sequence, check_engine_policy
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.policy import Policy, make_policy
+from kvsqueeze.policy.reconstruction import CHUNK, needs_reconstruction
 from kvsqueeze.store.quantized_kv import KVQuantConfig
 
 _UNITS = {"": 1, "B": 1, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9}
@@ -96,7 +98,8 @@ class LLMEngine:
         self.tokenizer = self.runner.tokenizer
         cfg = self.runner.config
         self.config = cfg
-        self.quant = engine_quant(args, cfg.num_kv_entries != cfg.num_layers or cfg.kv_layer < cfg.num_layers)
+        self.swiftkv = cfg.num_kv_entries != cfg.num_layers or cfg.kv_layer < cfg.num_layers
+        self.quant = engine_quant(args, self.swiftkv)
         self.blocks = BlockManager(
             cfg.num_kv_entries,
             cfg.num_kv_heads,
@@ -117,7 +120,7 @@ class LLMEngine:
         )
         self.scheduler = Scheduler(self.blocks, args.max_num_seqs, args.max_num_batched_tokens, args.reserve)
         self.default_policy = make_policy(args.policy, args.keep, args.tokens, window=args.window, alpha=args.alpha)
-        check_engine_policy(self.default_policy)
+        check_engine_policy(self.default_policy, args.compress_chunks, self.swiftkv)
         self.metrics = EngineMetrics()
         self.seqs: dict[int, Sequence] = {}
         self.eos_token_ids = set(cfg.eos_token_ids) | set(self.tokenizer.eos_token_ids)
@@ -181,7 +184,13 @@ class LLMEngine:
                 f"before compression, the pool has {self.blocks.num_blocks}: give more kv memory"
             )
         cap = max_kv_tokens if max_kv_tokens is not None else self.args.max_kv_tokens
-        seq = Sequence(ids, params, policy or self.default_policy, max_kv_tokens=cap, prefix_len=len(prefix_ids))
+        policy = policy or self.default_policy
+        check_engine_policy(policy, self.args.compress_chunks, self.swiftkv)
+        rows = []
+        if needs_reconstruction(policy):  # the context: the shared prefix, else the whole prompt
+            chunk = min(CHUNK, self.args.max_num_batched_tokens)
+            rows = context_rows(self.tokenizer, ids[: len(prefix_ids) or len(ids)], chunk)
+        seq = Sequence(ids, params, policy, max_kv_tokens=cap, prefix_len=len(prefix_ids), repeat_rows=rows)
         self.seqs[seq.seq_id] = seq
         self.scheduler.add(seq)
         return seq
@@ -214,9 +223,13 @@ class LLMEngine:
         seqs = [chunks[i].seq for i in sampling]
         tokens = sample(logits[sampling], [s.params for s in seqs], [s.generator for s in seqs]) if seqs else []
         for c in chunks:
-            if c.seq.prefix_len and c.end == c.seq.prefix_len:
+            # A prefix is cached compressed: after its last chunk, or a KVzip policy's last reconstruction row.
+            if c.seq.prefix_len and (c.last_repeat or (c.compresses and not c.seq.repeat_rows)):
                 self.blocks.cache_prefix(c.seq.seq_id, c.seq.prefix_key)
-            c.seq.num_computed = c.end
+            if c.repeats:
+                c.seq.num_repeated += 1
+            else:
+                c.seq.num_computed = c.end
         now = time.perf_counter()
         outputs = [self._advance(seq, token, now) for seq, token in zip(seqs, tokens, strict=True)]
         self._record(chunks, len(tokens), now - started)
@@ -225,10 +238,10 @@ class LLMEngine:
     def _batch(self, chunks: list[ScheduledChunk]) -> AttentionBatch:
         return AttentionBatch.build(
             [c.seq.seq_id for c in chunks],
-            [c.seq.token_ids[c.start : c.end] for c in chunks],
+            [c.token_ids for c in chunks],
             [c.start for c in chunks],
-            is_prefill=[c.start < c.seq.num_prompt_tokens for c in chunks],
-            is_last_chunk=[c.ends_prompt or c.start >= c.seq.num_prompt_tokens for c in chunks],
+            is_prefill=[c.repeats or c.start < c.seq.num_prompt_tokens for c in chunks],
+            is_last_chunk=[not c.repeats and (c.ends_prompt or c.start >= c.seq.num_prompt_tokens) for c in chunks],
             device=self.runner.device,
             tail_lens=[self._tail(c) for c in chunks] if self.config.kv_layer < self.config.num_layers else None,
         )
@@ -292,7 +305,9 @@ class LLMEngine:
     def _record(self, chunks: list[ScheduledChunk], new_tokens: int, seconds: float) -> None:
         m = self.metrics
         prompt_tokens = sum(
-            min(c.end, c.seq.num_prompt_tokens) - c.start for c in chunks if c.start < c.seq.num_prompt_tokens
+            min(c.end, c.seq.num_prompt_tokens) - c.start
+            for c in chunks
+            if c.start < c.seq.num_prompt_tokens and not c.repeats
         )
         m.prompt_tokens.inc(prompt_tokens)
         m.generation_tokens.inc(new_tokens)

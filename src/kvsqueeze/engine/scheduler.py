@@ -12,6 +12,12 @@ shared prefix's end is a chunk boundary too). A waiting sequence whose prefix is
 cached starts after it, on forked blocks; one whose prefix another sequence is
 computing waits for it.
 
+A KVzip sequence whose context is prefilled runs its reconstruction rows next, one a
+step, before anything else of it (engine/kvzip.py). A row runs whole (it attends over
+itself) and writes no block; it takes its tokens from the step's budget, and a row
+longer than what is left waits for a step whose budget is untouched, so a step runs
+at most an instruction's tokens past the budget.
+
 Admission reserves (footprint.py): a sequence starts only when its peak footprint and
 every running sequence's fit in the pool together, so preemption is for estimates
 that fall short; `reserve=False` admits on the next chunk alone (vLLM's way, more
@@ -35,6 +41,7 @@ class ScheduledChunk:
 
     seq: Sequence
     num_tokens: int
+    repeats: bool = False  # a KVzip reconstruction row, seq.repeat_rows[seq.num_repeated]
 
     @property
     def start(self) -> int:
@@ -42,7 +49,14 @@ class ScheduledChunk:
 
     @property
     def end(self) -> int:
-        return self.seq.num_computed + self.num_tokens
+        """Where the sequence stands after the chunk (a reconstruction row leaves it where it is)."""
+        return self.seq.num_computed + (0 if self.repeats else self.num_tokens)
+
+    @property
+    def token_ids(self) -> list[int]:
+        if self.repeats:
+            return self.seq.repeat_rows[self.seq.num_repeated].ids
+        return self.seq.token_ids[self.start : self.end]
 
     @property
     def ends_prompt(self) -> bool:
@@ -60,9 +74,14 @@ class ScheduledChunk:
         return self.start < self.seq.compress_at <= self.end
 
     @property
+    def last_repeat(self) -> bool:
+        """The sequence's last reconstruction row: the policy compresses after it."""
+        return self.repeats and self.seq.num_repeated + 1 == len(self.seq.repeat_rows)
+
+    @property
     def samples(self) -> bool:
         """The chunk reaches the sequence's last token: a new token is sampled after it."""
-        return self.end == self.seq.num_tokens
+        return not self.repeats and self.end == self.seq.num_tokens
 
 
 class Scheduler:
@@ -88,7 +107,7 @@ class Scheduler:
         if seq.seq_id not in self._peaks:
             self._peaks[seq.seq_id] = self.blocks.peak_blocks(seq)
         before, after = self._peaks[seq.seq_id]
-        return after if seq.num_computed >= seq.compress_at else before
+        return after if seq.compressed else before
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -131,6 +150,13 @@ class Scheduler:
         for seq in list(self.running):
             if seq.status is not SequenceStatus.RUNNING:  # preempted earlier in this loop
                 continue
+            if seq.reconstructing:
+                n = len(seq.repeat_rows[seq.num_repeated].ids)
+                if n <= budget or budget == self.max_num_batched_tokens:
+                    chunks.append(ScheduledChunk(seq, n, repeats=True))
+                    scheduled.add(seq.seq_id)
+                    budget = max(0, budget - n)
+                continue
             decoding = not seq.in_prefill
             n = 1 if decoding else self._next_chunk(seq, budget)
             if n == 0:
@@ -170,7 +196,7 @@ class Scheduler:
             self.waiting.remove(seq)
             if hit:
                 self.blocks.fork_prefix(seq.seq_id, hit)
-                seq.num_computed = seq.prefix_len
+                seq.start_after_prefix()
                 prefixes.hits += 1
             elif key is not None:
                 prefixes.pending[key] = seq.seq_id

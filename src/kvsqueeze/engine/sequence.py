@@ -13,18 +13,22 @@ from kvsqueeze.engine.prefix_cache import PrefixKey
 from kvsqueeze.engine.sampling_params import SamplingParams
 from kvsqueeze.policy import Policy
 from kvsqueeze.policy.budget import MAX_TOKENS
+from kvsqueeze.policy.reconstruction import RepeatRow, needs_reconstruction
 
 _ids = itertools.count()
 
 
-def check_engine_policy(policy: Policy) -> None:
-    """Refuse, before anything runs, a policy the engine cannot apply: it scores from the
-    prompt's own queries."""
-    if getattr(policy.scorer, "needs_reconstruction", False):
-        raise ValueError(
-            f"{policy.name} scores keys with a context-reconstruction pass the engine does not run: "
-            "use it through `kvsqueeze generate` or `eval`"
-        )
+def check_engine_policy(policy: Policy, compress_chunks: bool = False, swiftkv: bool = False) -> None:
+    """Refuse, before anything runs, what the engine cannot apply: a reconstruction
+    (KVzip) policy with per-chunk compression, whose chunks it would score without a
+    reconstruction, or on a SwiftKV model, whose upper layers run only a prompt's last
+    tokens."""
+    if not needs_reconstruction(policy):
+        return
+    if compress_chunks:
+        raise ValueError(f"{policy.name} scores the whole context by its reconstruction: not with --compress-chunks")
+    if swiftkv:
+        raise ValueError(f"{policy.name} is not supported on a SwiftKV model in the engine: use `kvsqueeze generate`")
 
 
 class SequenceStatus(enum.Enum):
@@ -44,6 +48,11 @@ class Sequence:
     `prefix_len` > 0 names the first prompt tokens a shared prefix (prefix_cache.py):
     the policy compresses them on their own, once, and requests with the same prefix
     and policy reuse that compressed KV; the rest of the prompt is kept whole.
+
+    A KVzip policy scores what it compresses by reconstructing it (engine/kvzip.py):
+    `repeat_rows` are the reconstruction's forwards, run one a step once num_computed
+    reaches compress_at; `num_repeated` counts those done, and the sequence goes on
+    only when all are.
     """
 
     prompt_token_ids: list[int]
@@ -64,11 +73,18 @@ class Sequence:
     max_kv_tokens: int | None = None  # per-head cap while decoding (None: no eviction after the prompt)
     prefix_len: int = 0
     prefix_key: PrefixKey | None = field(default=None, init=False)  # the prefix cache's key
+    repeat_rows: list[RepeatRow] = field(default_factory=list)
+    num_repeated: int = 0
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:
             raise ValueError("empty prompt: a request needs at least one token")
-        check_engine_policy(self.policy)
+        if needs_reconstruction(self.policy) and not self.repeat_rows:
+            raise ValueError(f"{self.policy.name} needs the reconstruction rows of its context (engine/kvzip.py)")
+        if needs_reconstruction(self.policy) and self.max_kv_tokens is not None:
+            raise ValueError(
+                f"max_kv_tokens cannot be combined with {self.policy.name}: decoding runs no reconstruction"
+            )
         if self.prefix_len:
             if not 0 < self.prefix_len < len(self.prompt_token_ids):
                 raise ValueError(
@@ -107,6 +123,21 @@ class Sequence:
         return self.prefix_len or len(self.prompt_token_ids)
 
     @property
+    def reconstructing(self) -> bool:
+        """Its context is prefilled and waits for its reconstruction rows to run."""
+        return self.num_computed >= self.compress_at and self.num_repeated < len(self.repeat_rows)
+
+    @property
+    def compressed(self) -> bool:
+        """Its policy has compressed what it compresses (or would have, keeping all)."""
+        return self.num_computed >= self.compress_at and not self.reconstructing
+
+    def start_after_prefix(self) -> None:
+        """It forks a cached prefix, compressed already: prefill and reconstruction of it are done."""
+        self.num_computed = self.prefix_len
+        self.num_repeated = len(self.repeat_rows)
+
+    @property
     def in_prefill(self) -> bool:
         """True until every token but the last generated one is in the cache."""
         return self.num_computed < self.num_tokens - 1 or not self.output_token_ids
@@ -118,5 +149,5 @@ class Sequence:
     def reset_for_recompute(self) -> None:
         """Preempted: its cache is dropped; it will prefill prompt + output so far again."""
         self.status = SequenceStatus.WAITING
-        self.num_computed = 0
+        self.num_computed = self.num_repeated = 0
         self.num_preemptions += 1

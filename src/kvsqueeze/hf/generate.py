@@ -12,11 +12,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.hf.cache import KVSqueezeCache, use_kvsqueeze_attention
 from kvsqueeze.hf.decode import greedy, stop_ids
-from kvsqueeze.hf.kvzip import needs_reconstruction, reconstruct
+from kvsqueeze.hf.kvzip import reconstruct
 from kvsqueeze.hf.models import max_context
 from kvsqueeze.hf.prefill import record_prefill
 from kvsqueeze.hf.prompt import encode_prompt
 from kvsqueeze.policy import Policy
+from kvsqueeze.policy.reconstruction import needs_reconstruction
 from kvsqueeze.store.quantized_kv import KVQuantConfig
 
 

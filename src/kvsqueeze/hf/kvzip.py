@@ -9,7 +9,8 @@ into per-head scores. Long contexts are reconstructed in chunks of `chunk` token
 forward each over the prompt's cache (which is cut back after each), so a forward's
 activations and the scorer's softmax span a chunk, not the context (what is kept, each
 layer's copy queries and keys, is about the size of the prefill record itself); a
-later chunk's instruction names the last tokens before it, as KVzip's code does. The
+later chunk's instruction names the last tokens before it, as KVzip's code does (the
+instruction and the chunking are policy/reconstruction.py's, which the engine shares). The
 cost is about one more prefill.
 """
 
@@ -28,20 +29,17 @@ from kvsqueeze.hf.cache import use_kvsqueeze_attention
 from kvsqueeze.hf.prefill import PrefillRecord
 from kvsqueeze.hf.prompt import encode_prompt
 from kvsqueeze.policy import Policy
+from kvsqueeze.policy.reconstruction import (
+    CHUNK,
+    MARK,
+    RepeatRow,
+    first_context_token,
+    needs_reconstruction,
+    repeat_rows,
+)
 from kvsqueeze.policy.score import ReconstructionChunk
 
-REPEAT = "Repeat the previous context exactly."
-REPEAT_FROM = "Repeat the part of the previous context exactly, starting with"
-TAIL = 8  # tokens of the previous chunk a later chunk's instruction quotes
-CHUNK = 2048
 CAPTURE_ATTENTION = "kvsqueeze-kvzip"
-# Stands in for the context to find where a chat template puts it.
-MARK = "\u2063kvzip context\u2063"
-
-
-def needs_reconstruction(policy: Policy) -> bool:
-    """Whether this policy scores by context reconstruction."""
-    return getattr(policy.scorer, "needs_reconstruction", False) and policy.compresses
 
 
 def records_by_policy(
@@ -73,33 +71,25 @@ AttentionMaskInterface.register(CAPTURE_ATTENTION, kvsqueeze_mask)
 
 def context_start(tokenizer: PreTrainedTokenizerBase, context_ids: list[int], chat: bool) -> int:
     """Tokens before the context text in `context_ids` (a chat template's header, a BOS
-    token): the ids it shares with a prompt whose context is a marker."""
+    token)."""
     header, _ = encode_prompt(tokenizer, MARK, None, chat)
-    n = 0
-    while n < min(len(header), len(context_ids)) and header[n] == context_ids[n]:
-        n += 1
-    return n
+    return first_context_token(header, context_ids)
 
 
 def repeat_inputs(
     tokenizer: PreTrainedTokenizerBase, context_ids: list[int], chat: bool, chunk: int = CHUNK
-) -> list[tuple[int, int, list[int]]]:
+) -> list[RepeatRow]:
     """(start, end, input ids) of each reconstruction forward: the repeat instruction in
     the prompt's format (as the question of encode_prompt), then context [start, end)."""
-    if chunk < 1:
-        raise ValueError(f"the KVzip reconstruction chunk must be at least 1 token, got {chunk}")
+
+    def instruction_ids(text: str) -> list[int]:
+        return encode_prompt(tokenizer, MARK, text, chat)[1]
+
+    def decode(ids: list[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=True)
+
     first = context_start(tokenizer, context_ids, chat)
-    inputs = []
-    for start in range(first, len(context_ids), chunk):
-        end = min(start + chunk, len(context_ids))
-        if start == first:
-            instruction = REPEAT
-        else:
-            tail = tokenizer.decode(context_ids[max(first, start - TAIL) : start], skip_special_tokens=True)
-            instruction = f'{REPEAT_FROM} "{tail}"'
-        _, prompt = encode_prompt(tokenizer, MARK, instruction, chat)
-        inputs.append((start, end, prompt + context_ids[start:end]))
-    return inputs
+    return repeat_rows(context_ids, first, instruction_ids, decode, chunk)
 
 
 def reconstruct(

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from transformers import PreTrainedTokenizerBase
 
+from kvsqueeze.policy.reconstruction import plain_question
+
 
 def encode_prompt(
     tokenizer: PreTrainedTokenizerBase, context: str, question: str | None, chat: bool, answer_prefix: str = ""
@@ -20,7 +22,7 @@ def encode_prompt(
         cut = full.index(context) + len(context)
         prefix, suffix, special = full[:cut], full[cut:] + answer_prefix, False
     else:
-        suffix = (f"\n\n{question}\n" if question else "") + answer_prefix
+        suffix = plain_question(question, answer_prefix)
         prefix, special = context, True
     prefix_ids = tokenizer(prefix, add_special_tokens=special)["input_ids"] if prefix else []
     suffix_ids = tokenizer(suffix, add_special_tokens=False)["input_ids"] if suffix else []
