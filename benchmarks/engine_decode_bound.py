@@ -4,7 +4,8 @@ B sequences of L essay tokens are prefilled (not timed); then every step decodes
 token for all of them, and the mean of the timed steps is compared with the bound:
 the time to read the weights once (in the dtype the matmuls run in) plus the KV the
 step reads (the blocks in use), at the bandwidth measured on this machine by a large
-copy (bench/bandwidth.py). Prints one row per policy.
+copy (bench/bandwidth.py). Prints one row per policy. --kv-bits 4 (8, 2) stores the
+pages KIVI-quantized: the bound then counts the quantized pages' bytes.
 
     .venv/bin/python benchmarks/engine_decode_bound.py --batch 16 --prompt-len 2048 --policies full,snapkv,ada-snapkv
 """
@@ -26,7 +27,7 @@ def decode_row(args: argparse.Namespace, policy: str, bandwidth: float) -> dict:
     engine = LLMEngine(
         EngineArgs(
             model=str(model_folder(args.model)), policy=policy, keep=args.keep, kv_memory=args.kv_memory,
-            dtype=args.dtype, max_num_batched_tokens=args.prompt_len,
+            dtype=args.dtype, max_num_batched_tokens=args.prompt_len, kv_bits=args.kv_bits, kv_group=args.kv_group,
         )
     )  # fmt: skip
     # Long enough that no sequence finishes while the later ones still prefill (one prompt per step).
@@ -47,7 +48,8 @@ def decode_row(args: argparse.Namespace, policy: str, bandwidth: float) -> dict:
     step_ms = 1e3 * sum(times) / len(times)
     bound_ms = 1e3 * (weight_bytes + kv_bytes) / bandwidth
     return {
-        "policy": policy, "batch": args.batch, "prompt_len": args.prompt_len, "decode_ms_per_step": round(step_ms, 1),
+        "policy": policy, "kv_bits": args.kv_bits, "batch": args.batch, "prompt_len": args.prompt_len,
+        "decode_ms_per_step": round(step_ms, 1),
         "weight_bytes": weight_bytes, "kv_bytes": kv_bytes, "bound_ms_per_step": round(bound_ms, 1),
         "ratio_to_bound": round(step_ms / bound_ms, 2),
     }  # fmt: skip
@@ -63,6 +65,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--kv-memory", default="2GiB")
     parser.add_argument("--dtype", default="bf16")
+    parser.add_argument("--kv-bits", type=int, default=16, help="16, or 8 / 4 / 2 for KIVI-quantized pages")
+    parser.add_argument("--kv-group", type=int, default=32)
     args = parser.parse_args()
     bandwidth = measure_bandwidth("cpu")
     print(f"bandwidth {bandwidth / 1e9:.1f} GB/s")
