@@ -205,12 +205,20 @@ def test_kvzip_on_quantized_pages_equals_the_hf_path(saved):
     assert out[0].outputs[0].token_ids == want and llm.engine.blocks.is_whole()
 
 
-def test_a_sliding_window_model_reconstructs_within_its_window(tmp_path):
-    """Rows attend as the model does, within Mistral's window (the HF path cannot run
-    this: its reconstruction cannot crop a sliding-window DynamicCache)."""
+def test_a_sliding_window_model_keeps_what_the_hf_path_keeps(tmp_path):
+    """Rows attend as the model does, within Mistral's window, in both paths."""
     model = spread_weights(tiny_model("mistral", max_positions=512, seed=3))
     model.config.sliding_window = 24
     save_folder(model, tmp_path)
-    llm = _llm(tmp_path, "ada-kvzip")
-    out = llm.generate([_prompt(70), _prompt(20)], _greedy(), use_tqdm=False)
-    assert [len(o.outputs[0].token_ids) for o in out] == [NEW, NEW] and llm.engine.blocks.is_whole()
+    prompt = _prompt(70)
+    with use_kvsqueeze_attention(model):
+        cache = _hf_record(model, prompt).cache(model, _policy("ada-kvzip"))
+        want = _kept(layer.compressed.store for layer in cache.layers)
+    engine = _llm(tmp_path, "ada-kvzip").engine
+    seq = engine.add_request(prompt, _greedy())
+    while not seq.compressed:
+        engine.step()
+    assert _kept(engine.blocks.layer(seq.seq_id, i) for i in range(len(want))) == want
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.blocks.is_whole()

@@ -113,11 +113,13 @@ def reconstruct(
     if len(context_ids) > t:
         raise ValueError(f"the context ({len(context_ids)} tokens) is longer than the recorded prompt ({t})")
     chunks: list[list[ReconstructionChunk]] = [[] for _ in record.layers]
-    prompt_cache = DynamicCache(config=model.config)
-    for i, layer in enumerate(record.layers):
-        prompt_cache.update(layer.keys, layer.values, i)
     with torch.inference_mode(), use_kvsqueeze_attention(model, CAPTURE_ATTENTION):
         for start, end, ids in repeat_inputs(tokenizer, context_ids, chat, chunk):
+            # A fresh cache of the prompt's entries per forward (views, no copy): a
+            # sliding-window model's cache cannot be cropped back after one.
+            prompt_cache = DynamicCache(config=model.config)
+            for i, layer in enumerate(record.layers):
+                prompt_cache.update(layer.keys, layer.values, i)
             captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
             model(
                 torch.tensor([ids], device=model.device),
@@ -126,7 +128,6 @@ def reconstruct(
                 logits_to_keep=1,
                 kvzip_capture=captured,
             )
-            prompt_cache.crop(-len(ids))  # back to the prompt's own entries
             for i, (queries, keys) in captured.items():
                 chunks[i].append(ReconstructionChunk(start, end, queries, keys))
     layers = [dataclasses.replace(x, reconstruction=tuple(c)) for x, c in zip(record.layers, chunks, strict=True)]
