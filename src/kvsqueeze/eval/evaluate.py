@@ -1,20 +1,23 @@
 """One sample under every policy: the model runs over the prompt once, then each
-policy compresses that prefill (hf/prefill.py) and answers from its own cache."""
+policy compresses that prefill (hf/prefill.py) and answers from its own cache. The
+answers are greedy; they are decoded speculatively from guesses (eval/answer.py): the
+target, then the answers of the policies before, which a policy often repeats."""
 
 from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 
 import torch
 from transformers import PreTrainedModel
 
-from kvsqueeze.eval.answer import token_logprobs
+from kvsqueeze.eval.answer import graded_answer, token_logprobs
 from kvsqueeze.eval.metrics import score
 from kvsqueeze.eval.prompt import PromptFormat
 from kvsqueeze.eval.sample import Sample
 from kvsqueeze.hf.cache import use_kvsqueeze_attention
-from kvsqueeze.hf.decode import greedy, stop_ids
+from kvsqueeze.hf.decode import stop_ids
 from kvsqueeze.hf.kvzip import records_by_policy
 from kvsqueeze.hf.prefill import PrefillRecord, record_prefill
 from kvsqueeze.policy import Policy
@@ -63,28 +66,34 @@ def evaluate_sample(
         return sample.single_line and "\n" in fmt.tokenizer.decode(tokens, skip_special_tokens=True).lstrip()
 
     rows = []
+    answers: Counter[tuple[int, ...]] = Counter()
     with torch.inference_mode(), use_kvsqueeze_attention(model):
         prefilled = record_prefill(model, torch.tensor([prompt], device=model.device))
         records = records_by_policy(model, fmt.tokenizer, prefilled, context_ids, fmt.chat, policies)
         for policy, record in zip(policies, records, strict=True):
             cache, measured = _compress(model, record, policy, quant)
-            logits = record.last_logits
-            if question_agnostic:  # the question reaches the compressed cache uncompressed
-                logits = model(torch.tensor([question_ids], device=model.device), past_key_values=cache).logits[:, -1]
-            answer = greedy(model, cache, logits, sample.max_new_tokens, stop, ends_answer)
+            # In question-agnostic mode the question reaches the compressed cache uncompressed.
+            lead = question_ids if question_agnostic else []
+            drafts = [list(a) for a, _ in answers.most_common()]  # policies often give the same answer
+            answer, answer_logprob = graded_answer(
+                model,
+                cache,
+                record.last_logits,
+                lead,
+                target_ids,
+                drafts,
+                sample.max_new_tokens,
+                stop,
+                ends_answer,
+            )
+            answers[tuple(answer)] += 1
             prediction = fmt.tokenizer.decode(answer, skip_special_tokens=True)
-            answer_logprob = None
-            if target_ids:
-                fresh, _ = _compress(model, record, policy, quant)
-                ids = (question_ids if question_agnostic else []) + target_ids
-                logprobs = token_logprobs(model, fresh, record.last_logits, ids)[-len(target_ids) :]
-                answer_logprob = round(float(logprobs.mean()), 4)
             rows.append(
                 {
                     "policy": policy.name,
                     **budget_fields(policy),
                     "score": score(sample.metric, prediction, sample.answers, sample.all_classes),
-                    "answer_logprob": answer_logprob,
+                    "answer_logprob": None if answer_logprob is None else round(answer_logprob, 4),
                     "prediction": prediction,
                     "prompt_tokens": len(context_ids) + len(question_ids),
                     **measured,

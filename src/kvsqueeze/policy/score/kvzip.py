@@ -95,8 +95,10 @@ class KVzipScorer:
         for q0 in range(0, r, self.query_block):
             q1 = min(q0 + self.query_block, r)
             q = chunk.queries[:, :, q0:q1].float().reshape(b, hkv, g * (q1 - q0), d)
-            logits = (q @ keys.transpose(-1, -2)).mul_(x.scaling).view(b, hkv, g, q1 - q0, -1)
-            ahead = copy_pos[None, :] > torch.arange(q0, q1, device=x.keys.device)[:, None]  # [nq, r]: causal
+            # Copy keys after the block's last query are hidden from all of it (causal): left out.
+            seen = keys[:, :, : sink + span + q1]
+            logits = (q @ seen.transpose(-1, -2)).mul_(x.scaling).view(b, hkv, g, q1 - q0, -1)
+            ahead = copy_pos[None, :q1] > torch.arange(q0, q1, device=x.keys.device)[:, None]  # [nq, q1]: causal
             hidden = torch.cat([~context_valid[:, None, :].expand(b, q1 - q0, -1), ahead.expand(b, -1, -1)], dim=2)
             logits.masked_fill_(hidden[:, None, None], float("-inf"))
             probs = torch.softmax(logits, dim=-1)[..., sink : sink + span]
