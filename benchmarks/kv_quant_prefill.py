@@ -10,7 +10,8 @@ machine's drift hits them alike:
   median of `repeats` after a warm-up round;
 - isolated: one recorded prefill (hf/prefill.py) compressed into each storage
   (scoring, eviction, quantization, no forward), min of `repeats`: the quantization's
-  own cost, free of the forward's noise, as a share of the end-to-end 16-bit prefill.
+  own cost, free of the forward's noise, as a share of the end-to-end 16-bit prefill
+  (its median: one lucky run would inflate the share).
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def main() -> None:
         extra = min(build[i]) - min(build[base])
         table.add_row(policy.name, "16-bit" if quant.bits == 16 else f"int{quant.bits} G={quant.group}",
                       f"{min(forward[i]):.3f}", f"{median:.3f}", f"{median / base_median - 1:+.1%}",
-                      f"{min(build[i]):.3f}", f"{extra / min(forward[base]):+.1%}")  # fmt: skip
+                      f"{min(build[i]):.3f}", f"{extra / base_median:+.1%}")  # fmt: skip
     Console(width=200).print(table)
 
 

@@ -28,9 +28,9 @@ from kvsqueeze.engine.sequence import Sequence
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.ops.cpu_extension import cpu_kernels_available
 from kvsqueeze.ops.cpu_paged_decode import blocks_needed_cpu
+from kvsqueeze.ops.cpu_quantize import CpuKVQuantizer
 from kvsqueeze.store import BlockPool, PagedKV
 from kvsqueeze.store.paged_quantized_kv import PagedQuantizedKV, pages_to_append
-from kvsqueeze.store.quantize import KVQuantizer
 from kvsqueeze.store.quantized_block_pool import QuantizedBlockPool
 from kvsqueeze.store.quantized_kv import KVQuantConfig
 
@@ -49,7 +49,7 @@ class BlockManager:
     ) -> None:
         self.quant = quant if quant is not None and quant.quantizes else None
         if self.quant is not None:
-            quantizer = KVQuantizer(self.quant.bits, self.quant.group, self.quant.key_axis)
+            quantizer = CpuKVQuantizer(self.quant.bits, self.quant.group, self.quant.key_axis)
             layout = QuantizedBlockPool.layout(head_dim, quantizer, dtype)
             block_size, block_nbytes = layout["block_size"], layout["page"]
         else:

@@ -23,6 +23,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvsqueeze.cache import CompressedLayer, CrossLayerPrefill, PrefillCallback
 from kvsqueeze.ops import dense_causal_attention
+from kvsqueeze.ops.cpu_quantize import CpuKVQuantizer
 from kvsqueeze.policy import Policy
 from kvsqueeze.store.quantized_kv import KVQuantConfig
 
@@ -163,7 +164,7 @@ class KVSqueezeCache(Cache):
     ) -> None:
         self.num_layers = _text_config(model).num_hidden_layers
         self.quant = KVQuantConfig(kv_bits, kv_group, kv_residual, kv_key_axis)
-        make_store = self.quant.store_factory()
+        make_store = self.quant.store_factory(CpuKVQuantizer)
         # A cross-layer policy compresses all layers together, once the last one has its prefill.
         self.cross_layer = CrossLayerPrefill(policy, self.num_layers) if policy.across_layers else None
         layers = [

@@ -21,9 +21,12 @@ CSRC = Path(__file__).parent / "csrc"
 SOURCES = ["module.cpp", "paged_decode.cpp", "layer_ops.cpp", "block_slots.cpp"]
 # -ffast-math lets the compiler vectorize exp (glibc's libmvec); the kernels use finite sentinels.
 CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
+# IEEE arithmetic, no fused multiply-adds (the last two flags change no value; they let
+# rounding vectorise): for kernels whose results must equal torch's bit for bit.
+EXACT_CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
 
 
-def build_extension(name: str, sources: list[str], what: str) -> ModuleType | None:
+def build_extension(name: str, sources: list[str], what: str, cflags: list[str] = CFLAGS) -> ModuleType | None:
     """Compile (or load the cached build of) csrc/`sources` as module `name` for this CPU;
     None, said once as a warning, where it cannot be built or KVSQUEEZE_CPU_KERNEL=0."""
     if os.environ.get("KVSQUEEZE_CPU_KERNEL", "1") == "0":
@@ -34,7 +37,7 @@ def build_extension(name: str, sources: list[str], what: str) -> ModuleType | No
         return load(
             name=f"{name}_{_machine_tag()}",
             sources=[str(CSRC / source) for source in sources],
-            extra_cflags=CFLAGS,
+            extra_cflags=cflags,
             extra_ldflags=["-lmvec"],
         )
     except Exception as err:  # no compiler, no ninja, a failed build: the torch paths still work

@@ -332,11 +332,15 @@ def _quantize_runs(
     nth = torch.arange(len(head), device=lengths.device) - (torch.cumsum(n_groups, 0) - n_groups)[head]
     entry = nth[:, None] * g + torch.arange(g, device=lengths.device) - shift[head, None]  # [groups, G]
     live = entry >= 0
+    counts = live.sum(dim=1, dtype=torch.int32)
+    if not bool(shift.any()):  # every run fills whole groups: they lie in order, a view
+        codes, scale, zero = quantizer.quantize_key_groups(keys.view(-1, g, keys.shape[-1]))
+        return codes.flatten(0, 1), scale, zero, counts, n_groups
     # A first group's padding slots repeat its oldest entry: the group's min and max, and
     # so its scale and zero point, are those of its live entries alone.
     index = (torch.cumsum(lengths, 0) - lengths)[head, None] + entry.clamp_min(0)
     codes, scale, zero = quantizer.quantize_key_groups(keys[index])
-    return codes[live], scale, zero, live.sum(dim=1, dtype=torch.int32), n_groups
+    return codes[live], scale, zero, counts, n_groups
 
 
 def _quantize_keys(quantizer: KVQuantizer, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -407,10 +411,13 @@ class KVQuantConfig:
         naive = "-per-token" if self.key_axis == "token" else ""
         return f"kv{self.bits}{naive} g{self.group} r{self.residual}"
 
-    def store_factory(self) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], KVStore]:
+    def store_factory(
+        self, quantizer_type: type[KVQuantizer] = KVQuantizer
+    ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], KVStore]:
         """(keys, values, keep, positions) -> the store of the kept entries, for
-        CompressedLayer's make_store."""
+        CompressedLayer's make_store; quantizer_type: KVQuantizer or a subclass with
+        faster kernels (ops/cpu_quantize.py)."""
         if not self.quantizes:
             return FlatKV.from_dense
-        quantizer = KVQuantizer(self.bits, self.group, self.key_axis)
+        quantizer = quantizer_type(self.bits, self.group, self.key_axis)
         return functools.partial(QuantizedKV.from_dense, quantizer=quantizer, residual_len=self.residual)
