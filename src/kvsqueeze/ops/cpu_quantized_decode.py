@@ -19,7 +19,6 @@ from types import ModuleType
 import torch
 
 from kvsqueeze.ops.cpu_extension import build_extension
-from kvsqueeze.ops.paged_quantized_attention import PagedRows
 from kvsqueeze.store.flat_kv import FlatKV
 from kvsqueeze.store.paged_quantized_kv import PagedQuantizedKV
 from kvsqueeze.store.quantized_kv import QuantizedKV
@@ -53,18 +52,20 @@ def quantized_decode_cpu(
     if ext is None:
         raise RuntimeError("kvsqueeze's quantized decode kernel is not available")
     pool = stores[0].pool
-    rows = PagedRows(stores)
     o = pool.layout(pool.head_dim, pool.quantizer, pool.dtype)
     layout = [
         pool.group, pool.block_size, pool.quantizer.bits, pool.quantizer.channel_group(pool.head_dim),
         pool.page_nbytes, o["q_values"], o["q_positions"], o["q_scale"], o["fp_values"], o["fp_positions"],
         _DTYPES[pool.dtype],
     ]  # fmt: skip
+
+    def each(table: str) -> list[torch.Tensor]:  # every store's own tensor, read in place by the kernel
+        return [getattr(kv, table).to(torch.int64).contiguous() for kv in stores]
+
     out = ext.quantized_paged_decode(
-        query[:, :, 0].float().contiguous(), pool.arena,
-        rows.q_table.contiguous(), rows.q_counts.contiguous(), rows.fp_table.contiguous(),
-        rows.fp_offsets.contiguous(), rows.fp_lengths.contiguous(),
-        query_positions[:, 0].to(torch.int64).contiguous(), layout, float(scaling), sliding_window or 0, masked,
+        query[:, :, 0].float().contiguous(), pool.arena, each("q_table"), each("q_counts"), each("fp_table"),
+        each("fp_offsets"), each("fp_lengths"), query_positions[:, 0].to(torch.int64).contiguous(), layout,
+        float(scaling), sliding_window or 0, masked,
     )  # fmt: skip
     return out[:, :, None].to(query.dtype)
 

@@ -251,15 +251,18 @@ torch::Tensor check_query(const torch::Tensor& query) {
 
 }  // namespace
 
-// The engine's page arena (store/quantized_block_pool.py). query [rows, group, d]
-// float32; arena [pages, page bytes] uint8; q_table / q_counts [rows, Wq] int64 (-1 / 0
-// past a row's pages); fp_table [rows, Wf] int64; fp_off, fp_len, query_positions
-// [rows] int64; layout: group, block_size, bits, value_group, page_bytes, q_values,
-// q_positions, q_scale, fp_values, fp_positions, fp_dtype. Returns [rows, group, d] float32.
-torch::Tensor quantized_paged_decode(torch::Tensor query, torch::Tensor arena, torch::Tensor q_table,
-                                     torch::Tensor q_counts, torch::Tensor fp_table, torch::Tensor fp_off,
-                                     torch::Tensor fp_len, torch::Tensor query_positions, std::vector<int64_t> layout,
-                                     double scale, int64_t window, bool masked) {
+// The engine's page arena (store/quantized_block_pool.py), several stores (one per
+// sequence) of `heads` rows each, their tables read in place (no stacking). query [stores
+// x heads, group, d] float32; arena [pages, page bytes] uint8; per store: q_table /
+// q_count [heads, Wq] int64 (-1 / 0 past a head's pages), fp_table [heads, Wf] int64,
+// fp_off / fp_len [heads] int64; query_positions [stores x heads] int64; layout: group,
+// block_size, bits, value_group, page_bytes, q_values, q_positions, q_scale, fp_values,
+// fp_positions, fp_dtype. Returns [stores x heads, group, d] float32.
+torch::Tensor quantized_paged_decode(torch::Tensor query, torch::Tensor arena, std::vector<torch::Tensor> q_tables,
+                                     std::vector<torch::Tensor> q_counts, std::vector<torch::Tensor> fp_tables,
+                                     std::vector<torch::Tensor> fp_offs, std::vector<torch::Tensor> fp_lens,
+                                     torch::Tensor query_positions, std::vector<int64_t> layout, double scale,
+                                     int64_t window, bool masked) {
   auto out = check_query(query);
   TORCH_CHECK(arena.scalar_type() == torch::kUInt8 && arena.is_contiguous() && arena.dim() == 2, "arena: uint8 pages");
   TORCH_CHECK(layout.size() == 11, "layout has 11 fields");
@@ -267,44 +270,59 @@ torch::Tensor quantized_paged_decode(torch::Tensor query, torch::Tensor arena, t
   const int64_t q_values = layout[5], q_positions = layout[6], q_scale = layout[7];
   const int64_t fp_values = layout[8], fp_positions = layout[9];
   TORCH_CHECK(page_bytes == arena.size(1), "layout and arena disagree on the page size");
-  const int64_t rows = query.size(0), d = query.size(2);
+  const int64_t stores = static_cast<int64_t>(q_tables.size()), d = query.size(2);
+  TORCH_CHECK(stores > 0 && q_counts.size() == q_tables.size() && fp_tables.size() == q_tables.size() &&
+                  fp_offs.size() == q_tables.size() && fp_lens.size() == q_tables.size(),
+              "one q_table, q_count, fp_table, fp_off and fp_len per store");
+  const int64_t heads = q_tables[0].size(0), rows = stores * heads;
+  TORCH_CHECK(query.size(0) == rows, "query has ", query.size(0), " rows, the stores ", rows);
+  check_int64_rows({&query_positions}, rows, "query positions");
   const Format F{d, layout[2], layout[3], layout[10], 4};
   const int64_t esize = F.fp_dtype == 0 ? 4 : 2;
-  check_int64_rows({&q_table, &q_counts, &fp_table, &fp_off, &fp_len, &query_positions}, rows,
-                   "tables, counts, offsets, lengths and positions");
-  const int64_t pages = arena.size(0), q_width = q_table.size(1), fp_width = fp_table.size(1);
-  const int64_t* qt = q_table.data_ptr<int64_t>();
-  const int64_t* qc = q_counts.data_ptr<int64_t>();
-  const int64_t* ft = fp_table.data_ptr<int64_t>();
-  const int64_t* fo = fp_off.data_ptr<int64_t>();
-  const int64_t* fl = fp_len.data_ptr<int64_t>();
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t c = 0; c < q_width; ++c) {
-      TORCH_CHECK(qt[r * q_width + c] < pages && (qt[r * q_width + c] < 0 || qc[r * q_width + c] <= key_group),
-                  "row ", r, ": a quantized page outside the arena or holding more than a group");
-    }
-    TORCH_CHECK(fo[r] >= 0 && fl[r] >= 0 && fo[r] + fl[r] <= fp_width * block_size, "row ", r,
-                ": the residual outgrows its table");
-    for (int64_t c = 0; c < (fo[r] + fl[r] + block_size - 1) / block_size; ++c) {
-      TORCH_CHECK(ft[r * fp_width + c] >= 0 && ft[r * fp_width + c] < pages, "row ", r, ": a residual page is missing");
+  const int64_t pages = arena.size(0);
+  for (int64_t s = 0; s < stores; ++s) {
+    check_int64_rows({&q_tables[s], &q_counts[s], &fp_tables[s], &fp_offs[s], &fp_lens[s]}, heads,
+                     "a store's tables, counts, offsets and lengths");
+    const int64_t q_width = q_tables[s].size(1), fp_width = fp_tables[s].size(1);
+    TORCH_CHECK(q_counts[s].size(1) == q_width, "store ", s, ": q_table and q_count differ in width");
+    const int64_t* qt = q_tables[s].data_ptr<int64_t>();
+    const int64_t* qc = q_counts[s].data_ptr<int64_t>();
+    const int64_t* ft = fp_tables[s].data_ptr<int64_t>();
+    const int64_t* fo = fp_offs[s].data_ptr<int64_t>();
+    const int64_t* fl = fp_lens[s].data_ptr<int64_t>();
+    for (int64_t h = 0; h < heads; ++h) {
+      for (int64_t c = 0; c < q_width; ++c) {
+        TORCH_CHECK(qt[h * q_width + c] < pages && (qt[h * q_width + c] < 0 || qc[h * q_width + c] <= key_group),
+                    "store ", s, " head ", h, ": a quantized page outside the arena or holding more than a group");
+      }
+      TORCH_CHECK(fo[h] >= 0 && fl[h] >= 0 && fo[h] + fl[h] <= fp_width * block_size, "store ", s, " head ", h,
+                  ": the residual outgrows its table");
+      for (int64_t c = 0; c < (fo[h] + fl[h] + block_size - 1) / block_size; ++c) {
+        TORCH_CHECK(ft[h * fp_width + c] >= 0 && ft[h * fp_width + c] < pages, "store ", s, " head ", h,
+                    ": a residual page is missing");
+      }
     }
   }
   const uint8_t* base = arena.data_ptr<uint8_t>();
   attend_rows(query, out, F, query_positions, window, masked, scale,
               [&](int64_t r, std::vector<QuantRun>& quant, std::vector<FullRun>& full) {
+                const int64_t s = r / heads, h = r % heads;
+                const int64_t q_width = q_tables[s].size(1), fp_width = fp_tables[s].size(1);
+                const int64_t* qt = q_tables[s].data_ptr<int64_t>() + h * q_width;
+                const int64_t* qc = q_counts[s].data_ptr<int64_t>() + h * q_width;
+                const int64_t* ft = fp_tables[s].data_ptr<int64_t>() + h * fp_width;
+                const int64_t fo = fp_offs[s].data_ptr<int64_t>()[h], fl = fp_lens[s].data_ptr<int64_t>()[h];
                 for (int64_t c = 0; c < q_width; ++c) {
-                  const int64_t page = qt[r * q_width + c];
-                  if (page < 0) continue;
-                  const uint8_t* p = base + page * page_bytes;
-                  quant.push_back(
-                      {p, p + q_values, p + q_positions, p + q_scale, p + q_scale + 2 * d, qc[r * q_width + c]});
+                  if (qt[c] < 0) continue;
+                  const uint8_t* p = base + qt[c] * page_bytes;
+                  quant.push_back({p, p + q_values, p + q_positions, p + q_scale, p + q_scale + 2 * d, qc[c]});
                 }
                 // The residual's entries [fp_off, fp_off + fp_len) of its pages, one run per page.
-                for (int64_t s = fo[r]; s < fo[r] + fl[r];) {
-                  const int64_t w = s % block_size, count = std::min(block_size - w, fo[r] + fl[r] - s);
-                  const uint8_t* p = base + ft[r * fp_width + s / block_size] * page_bytes;
+                for (int64_t e = fo; e < fo + fl;) {
+                  const int64_t w = e % block_size, count = std::min(block_size - w, fo + fl - e);
+                  const uint8_t* p = base + ft[e / block_size] * page_bytes;
                   full.push_back({p + w * d * esize, p + fp_values + w * d * esize, p + fp_positions + 4 * w, count});
-                  s += count;
+                  e += count;
                 }
               });
   return out;
