@@ -44,6 +44,12 @@ def off(tokens: list[int], follows: int) -> list[int]:
     return tokens[:follows] + [(t + 1) % 256 or 1 for t in tokens[follows:]]
 
 
+def fresh_caches(model, record):
+    """A function giving a new SnapKV keep-0.5 cache of the recorded prompt per call."""
+    policy = make_policy("snapkv", keep=0.5)
+    return lambda: record.cache(model, policy)
+
+
 @pytest.mark.parametrize("lead", [[], [17, 42, 99]])
 @pytest.mark.parametrize("follows", [MAX_NEW, 3, 0])  # target tokens the greedy answer matches
 @pytest.mark.parametrize(
@@ -57,11 +63,7 @@ def off(tokens: list[int], follows: int) -> list[int]:
 )
 def test_graded_answer_matches_greedy_and_teacher_forcing(setup, lead, follows, drafts):
     model, record = setup
-    policy = make_policy("snapkv", keep=0.5)
-
-    def fresh():
-        return record.cache(model, policy)
-
+    fresh = fresh_caches(model, record)
     with torch.inference_mode(), use_kvsqueeze_attention(model):
         greedy_answer, _ = reference(model, fresh, record.last_logits, lead, [])
         assert len(greedy_answer) == MAX_NEW  # no early stop: every case below is what its name says
@@ -84,11 +86,7 @@ def test_graded_answer_matches_greedy_and_teacher_forcing(setup, lead, follows, 
 )
 def test_a_right_guess_costs_one_forward(setup, target_follows, drafts, forwards):
     model, record = setup
-    policy = make_policy("snapkv", keep=0.5)
-
-    def fresh():
-        return record.cache(model, policy)
-
+    fresh = fresh_caches(model, record)
     with torch.inference_mode(), use_kvsqueeze_attention(model):
         greedy_answer, _ = reference(model, fresh, record.last_logits, [], [])
         calls = []
