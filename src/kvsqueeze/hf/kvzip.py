@@ -6,7 +6,7 @@ cache of that prompt, an instruction to repeat the context and then the context 
 teacher-forced. The queries and keys every layer makes along the way are handed to the
 KVzip scorer (policy/score/kvzip.py) in each layer's ScoreInput; the scorer turns them
 into per-head scores. Long contexts are reconstructed in chunks of `chunk` tokens, one
-forward each over the prompt's cache (which is cut back after each), so a forward's
+forward each over a fresh cache of the prompt's entries, so a forward's
 activations and the scorer's softmax span a chunk, not the context (what is kept, each
 layer's copy queries and keys, is about the size of the prefill record itself); a
 later chunk's instruction names the last tokens before it, as KVzip's code does (the
@@ -115,8 +115,9 @@ def reconstruct(
     chunks: list[list[ReconstructionChunk]] = [[] for _ in record.layers]
     with torch.inference_mode(), use_kvsqueeze_attention(model, CAPTURE_ATTENTION):
         for start, end, ids in repeat_inputs(tokenizer, context_ids, chat, chunk):
-            # A fresh cache of the prompt's entries per forward (views, no copy): a
-            # sliding-window model's cache cannot be cropped back after one.
+            # A fresh cache of the prompt's entries per forward (DynamicCache copies them,
+            # a small cost beside the forward): a sliding-window model's cache keeps only
+            # its window and cannot be cropped back to the prompt after one.
             prompt_cache = DynamicCache(config=model.config)
             for i, layer in enumerate(record.layers):
                 prompt_cache.update(layer.keys, layer.values, i)

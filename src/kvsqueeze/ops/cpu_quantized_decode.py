@@ -36,6 +36,14 @@ def quantized_kernel_available() -> bool:
     return quantized_extension() is not None
 
 
+def _require() -> ModuleType:
+    """The compiled module, for callers that have already chosen the kernel path."""
+    ext = quantized_extension()
+    if ext is None:
+        raise RuntimeError("kvsqueeze's quantized decode kernel is not available")
+    return ext
+
+
 def quantized_decode_cpu(
     query: torch.Tensor,
     stores: Sequence[PagedQuantizedKV],
@@ -48,9 +56,7 @@ def quantized_decode_cpu(
     group, 1, d] (the stores' kv-heads stacked), query_positions [rows, 1]; returns
     [rows, group, 1, d] in the query's dtype. masked=False promises every entry is older
     than its query and inside any window (a plain decode step)."""
-    ext = quantized_extension()
-    if ext is None:
-        raise RuntimeError("kvsqueeze's quantized decode kernel is not available")
+    ext = _require()
     pool = stores[0].pool
     o = pool.layout(pool.head_dim, pool.quantizer, pool.dtype)
     layout = [
@@ -82,9 +88,7 @@ def quantized_flat_decode_cpu(
     with per-channel keys: query [heads, group, 1, d], query_positions [heads, 1];
     returns [heads, group, 1, d] in the query's dtype. masked=False promises every
     entry is older than its query and inside any window (a plain decode step)."""
-    ext = quantized_extension()
-    if ext is None:
-        raise RuntimeError("kvsqueeze's quantized decode kernel is not available")
+    ext = _require()
     codes, groups, residual = kv.codes, kv.groups, kv.residual
     d = kv.head_dim
 

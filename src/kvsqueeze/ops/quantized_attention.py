@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from kvsqueeze.ops._triton import use_triton
+from kvsqueeze.ops.cpu_quantized_decode import quantized_flat_decode_cpu, quantized_kernel_available
 from kvsqueeze.ops.ragged_attention import needs_mask
 from kvsqueeze.store.quantized_kv import QuantizedKV
 
@@ -37,13 +38,9 @@ def quantized_attention(
         from kvsqueeze.ops.triton_quantized_decode import quantized_decode_attention
 
         return quantized_decode_attention(query, kv, scaling, query_positions, sliding_window)
-    if decode and query.device.type == "cpu":
-        # Imported here: the kernel's module imports the paged path, which imports this one.
-        from kvsqueeze.ops.cpu_quantized_decode import quantized_flat_decode_cpu, quantized_kernel_available
-
-        if quantized_kernel_available():
-            masked = needs_mask(kv, query_positions, sliding_window)
-            return quantized_flat_decode_cpu(query, kv, query_positions, scaling, sliding_window, masked)
+    if decode and query.device.type == "cpu" and quantized_kernel_available():
+        masked = needs_mask(kv, query_positions, sliding_window)
+        return quantized_flat_decode_cpu(query, kv, query_positions, scaling, sliding_window, masked)
     return quantized_attention_reference(query, kv, query_positions, scaling, sliding_window)
 
 
