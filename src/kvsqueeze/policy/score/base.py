@@ -84,16 +84,21 @@ def attention_probs(x: ScoreInput, q_start: int, q_end: int) -> torch.Tensor:
     q = x.queries[:, :, q_start:q_end].float().reshape(b, hkv, g * nq, d)
     logits = (q @ x.keys.float().transpose(-1, -2)).mul_(x.scaling).view(b, hkv, g, nq, t)
     device = x.keys.device
+    padded = not bool(x.valid.all())
+    # Without padding or a sliding window only keys from the first query on can be hidden
+    # (causal): masking just those columns saves a pass over the rest.
+    first = 0 if padded or x.sliding_window is not None else q_start
     q_pos = torch.arange(q_start, q_end, device=device)
-    k_pos = torch.arange(t, device=device)
+    k_pos = torch.arange(first, t, device=device)
     behind = q_pos[:, None] - k_pos[None, :]
     allowed = behind >= 0
     if x.sliding_window is not None:
         allowed = allowed & (behind < x.sliding_window)  # as transformers' sliding_window_overlay
-    allowed = allowed[None] & x.valid[:, None, :]  # [b, nq, t]
-    logits.masked_fill_(~allowed[:, None, None], float("-inf"))
-    probs = torch.softmax(logits, dim=-1).nan_to_num_(0.0)  # fully masked rows (pad queries) -> 0
-    return probs
+    allowed = allowed[None] & x.valid[:, None, first:]  # [b, nq, t - first]
+    logits[..., first:].masked_fill_(~allowed[:, None, None], float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    # Only a padding query sees no key (a real one sees itself): its row is NaN -> 0.
+    return probs.nan_to_num_(0.0) if padded else probs
 
 
 GROUP_REDUCTIONS = ("mean", "max")

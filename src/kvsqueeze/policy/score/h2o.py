@@ -33,7 +33,9 @@ class H2OScorer:
     Why divide: a key at position i is seen by n - i queries, so the plain sum favours
     early tokens and loses a late needle even at keep 0.5; the mean is what each
     observer gave it. It needs the full prompt x prompt attention, so queries are
-    processed in chunks to bound memory.
+    processed in chunks to bound memory, one query head at a time: on CPU a head's
+    chunk of probabilities stays in cache from the logits to the sum (twice as fast as
+    all heads at once at 2-4k tokens, with the same sums).
     """
 
     chunk: int = 512
@@ -43,18 +45,21 @@ class H2OScorer:
 
     def __call__(self, x: ScoreInput) -> torch.Tensor:
         b, hkv, t, _ = x.keys.shape
-        total = x.keys.new_zeros(b, hkv, x.group_size, t, dtype=torch.float32)
+        g = x.group_size
+        total = x.keys.new_zeros(b, hkv, g, t, dtype=torch.float32)
         for start in range(0, t, self.chunk):
             end = min(start + self.chunk, t)
-            # The chunk's queries see no key from `end` on (causal): leaving those keys out
-            # of its logits and softmax saves about half the work over the whole prompt.
-            seen = dataclasses.replace(
-                x,
-                queries=x.queries[:, :, :end],
-                keys=x.keys[:, :, :end],
-                values=x.values[:, :, :end],
-                valid=x.valid[:, :end],
-            )
-            total[..., :end] += attention_probs(seen, start, end).sum(dim=3)
+            for head in range(hkv * g):
+                kv = head // g
+                # The chunk's queries see no key from `end` on (causal): leaving those keys out
+                # of its logits and softmax saves about half the work over the whole prompt.
+                seen = dataclasses.replace(
+                    x,
+                    queries=x.queries[:, head : head + 1, :end],
+                    keys=x.keys[:, kv : kv + 1, :end],
+                    values=x.values[:, kv : kv + 1, :end],
+                    valid=x.valid[:, :end],
+                )
+                total[:, kv, head % g, :end] += attention_probs(seen, start, end)[:, 0, 0].sum(dim=1)
         mean = total / observers(x).clamp_min(1)[:, None, None, :]
         return reduce_group(mean, self.group_reduce)
