@@ -215,6 +215,19 @@ def test_pool_refuses_double_release_and_overdraw():
         kv.join(torch.randn(3, 16, 2), torch.randn(3, 16, 2))
 
 
+def test_blocks_go_out_lowest_id_first_and_a_heads_run_ascends():
+    """A head's blocks are taken in ascending memory order (the decode kernel streams
+    them; descending runs read slower), and freed blocks are reused lowest first."""
+    pool = BlockPool(32, 4)
+    assert pool.allocate(3) == [0, 1, 2]
+    kv = PagedKV.from_dense(pool, torch.randn(2, 40, 4), torch.randn(2, 40, 4), None)
+    for h in range(2):
+        run = kv.host_table[h, : kv.num_blocks[h]].tolist()
+        assert run == sorted(run) and run == list(range(run[0], run[0] + len(run)))
+    pool.release([2, 1])
+    assert pool.allocate(2) == [1, 2]
+
+
 def test_eviction_returns_blocks_and_nbytes_follows():
     pool = BlockPool(64, 8)
     kv = PagedKV.from_dense(pool, torch.randn(4, 128, 8), torch.randn(4, 128, 8), torch.ones(4, 128, dtype=torch.bool))

@@ -125,18 +125,20 @@ class QuantizedBlockPool:
             raise PoolExhausted(f"asked for {n} pages, {len(self._free)} of {self.num_blocks} are free")
         if n <= 0:
             return []
-        pages = self._free[-n:]
+        pages = self._free[: -n - 1 : -1]  # lowest id first, as BlockPool.allocate
         del self._free[-n:]
         for p in pages:
             self._out[p] = True
         return pages
 
     def release(self, pages: Iterable[int]) -> None:
-        for p in pages:
+        freed = list(pages)
+        for p in freed:
             if not self._out[p]:
                 raise ValueError(f"page {p} is released but was not allocated")
+        for p in freed:
             self._out[p] = False
-            self._free.append(p)
+        self._free.extend(sorted(freed, reverse=True))  # the lowest freed id on top
 
     # ---------------------------------------------------------------- quantized pages
     def read_quantized(
