@@ -76,8 +76,8 @@ inline void prefetch_block(const uint16_t* block, int64_t elements) {
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 // The hot case on CPUs with AVX512-BF16 (Sapphire Rapids and later), bf16 K/V with a
 // head dim that is a multiple of 32. A score is two vdpbf16ps per 64 dims: the bf16
-// products are exact in fp32, so the query stays in bf16 (the model's own dtype) and the
-// scale is applied to the sums. 16 keys' partial dots are summed across lanes together
+// products are exact in fp32, so a bf16 query (the model's own dtype) loses nothing and
+// the scale is applied to the sums. 16 keys' partial dots are summed across lanes together
 // (sum16); values accumulate in fp32 as in the AVX2 path, 16 lanes at a time.
 
 // 16 vectors of 16 partial sums -> the 16 totals, in order: four rounds of pairwise
@@ -101,7 +101,7 @@ inline __m512 sum16(const float* v) {
 }
 
 template <int D>
-void attend_row_bf16(const uint16_t* q, float scale, float* out, const uint16_t* keys, const uint16_t* values,
+void attend_row_bf16(const uint16_t* q, int terms, float scale, float* out, const uint16_t* keys, const uint16_t* values,
                      const int32_t* positions, const int32_t* table, int64_t length, int64_t group,
                      int64_t block_size, int64_t q_pos, int64_t window, bool masked) {
   constexpr int C = D / 32;  // 512-bit chunks of 32 bf16 per row
@@ -128,9 +128,12 @@ void attend_row_bf16(const uint16_t* q, float scale, float* out, const uint16_t*
       for (int c = 0; c < C; ++c) k[c] = _mm512_loadu_si512(row + 32 * c);
       for (int64_t g = 0; g < group; ++g) {
         __m512 s = _mm512_setzero_ps();
-        for (int c = 0; c < C; ++c) {
-          const __m512i qc = _mm512_loadu_si512(q + g * D + 32 * c);
-          s = _mm512_dpbf16_ps(s, reinterpret_cast<const __m512bh&>(qc), reinterpret_cast<const __m512bh&>(k[c]));
+        for (int term = 0; term < terms; ++term) {
+          const uint16_t* qg = q + (g * terms + term) * D;
+          for (int c = 0; c < C; ++c) {
+            const __m512i qc = _mm512_loadu_si512(qg + 32 * c);
+            s = _mm512_dpbf16_ps(s, reinterpret_cast<const __m512bh&>(qc), reinterpret_cast<const __m512bh&>(k[c]));
+          }
         }
         _mm512_storeu_ps(&partial[(g * 16 + filled) * 16], s);
       }
@@ -318,11 +321,20 @@ void attend_row(const Q* query, Q* out, const KV* keys, const KV* values, const 
   const int64_t d = D > 0 ? D : dim;
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
   if constexpr (std::is_same_v<KV, at::BFloat16> && D > 0 && D % 32 == 0) {
-    // The query in bf16 (exact when the model runs in bf16), its fp32 output rounded at the end.
-    std::vector<at::BFloat16> qb(group * D);
+    // The query as bf16 terms [group, terms, D]: itself when the model runs in bf16; an
+    // fp32 query as a bf16 head plus its bf16 remainder (16 bits of mantissa, not 8).
+    constexpr int terms = std::is_same_v<Q, at::BFloat16> ? 1 : 2;
+    std::vector<at::BFloat16> qb(group * terms * D);
     std::vector<float> of(group * D);
-    for (int64_t i = 0; i < group * D; ++i) qb[i] = static_cast<at::BFloat16>(static_cast<float>(query[i]));
-    attend_row_bf16<D>(reinterpret_cast<const uint16_t*>(qb.data()), scale, of.data(),
+    for (int64_t g = 0; g < group; ++g) {
+      for (int i = 0; i < D; ++i) {
+        const float x = static_cast<float>(query[g * D + i]);
+        const at::BFloat16 head = static_cast<at::BFloat16>(x);
+        qb[(g * terms) * D + i] = head;
+        if (terms == 2) qb[(g * terms + 1) * D + i] = static_cast<at::BFloat16>(x - static_cast<float>(head));
+      }
+    }
+    attend_row_bf16<D>(reinterpret_cast<const uint16_t*>(qb.data()), terms, scale, of.data(),
                        reinterpret_cast<const uint16_t*>(keys), reinterpret_cast<const uint16_t*>(values), positions,
                        table, length, group, block_size, q_pos, window, masked);
     for (int64_t g = 0; g < group; ++g) store_row(of.data() + g * D, out + g * D, D);
