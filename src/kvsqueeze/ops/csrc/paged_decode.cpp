@@ -108,7 +108,7 @@ void attend_row_bf16(const uint16_t* q, int terms, float scale, float* out, cons
   const float neg_inf = -1e30f;
   std::vector<float> p(group * length), partial(group * 16 * 16), acc(group * 2 * C * 16, 0.f);
   const __m512 scale_v = _mm512_set1_ps(scale);
-  int filled = 0;  // keys whose partial dots wait in `partial` (the last ones up to t)
+  int filled = 0;  // keys whose partial dots wait in `partial` (the row's latest ones)
   auto flush = [&](int64_t next) {  // sum the waiting keys' partials into their scores
     const __mmask16 live = static_cast<__mmask16>((1u << filled) - 1);
     for (int64_t g = 0; g < group; ++g) {
