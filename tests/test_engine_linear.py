@@ -1,5 +1,5 @@
-"""engine/linear.py: the prepacked copy gives F.linear's products for decode-sized
-batches, and large batches keep F.linear."""
+"""engine/linear.py: the prepacked copy (AMX tiles or oneDNN's layout) gives F.linear's
+products for decode-sized batches, and large batches keep F.linear."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kvsqueeze.engine.linear import PACKED_MAX_ROWS, Linear, can_prepack
+from kvsqueeze.engine.linear import AMX_MAX_ROWS, PACKED_MAX_ROWS, Linear, can_prepack
 
 needs_packing = pytest.mark.skipif(
     not can_prepack(torch.bfloat16, torch.device("cpu")), reason="no bf16 matrix instructions on this CPU"
@@ -15,7 +15,7 @@ needs_packing = pytest.mark.skipif(
 
 
 @needs_packing
-@pytest.mark.parametrize("rows", [1, 7, 32, PACKED_MAX_ROWS, PACKED_MAX_ROWS + 1, 600])
+@pytest.mark.parametrize("rows", [1, 7, 32, PACKED_MAX_ROWS, PACKED_MAX_ROWS + 1, AMX_MAX_ROWS + 1, 600])
 @pytest.mark.parametrize("bias", [False, True])
 def test_packed_products_equal_f_linear(rows, bias):
     gen = torch.Generator().manual_seed(rows)
@@ -37,3 +37,14 @@ def test_no_packing_off_bf16_or_off_the_cpu():
     layer = Linear(w, prepack=False)
     x = torch.randn(3, 4)
     assert layer.packed is None and torch.equal(layer(x), F.linear(x, w))
+
+
+@needs_packing
+def test_amx_tiles_where_the_kernel_takes_the_shape_onednn_elsewhere():
+    from kvsqueeze.ops.amx_linear import amx_linear_available
+
+    tiled = Linear(torch.randn(64, 96).bfloat16(), prepack=True)
+    odd = Linear(torch.randn(64, 40).bfloat16(), prepack=True)  # 40 columns: not whole AMX tiles
+    assert tiled.amx == amx_linear_available() and not odd.amx
+    x = torch.randn(3, 40).bfloat16()
+    torch.testing.assert_close(odd(x).float(), F.linear(x.float(), odd.weight.float()), rtol=2e-2, atol=5e-2)

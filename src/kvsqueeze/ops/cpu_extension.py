@@ -18,7 +18,7 @@ from pathlib import Path
 from types import ModuleType
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = ["module.cpp", "paged_decode.cpp", "layer_ops.cpp", "block_slots.cpp"]
+SOURCES = ["module.cpp", "paged_decode.cpp", "layer_ops.cpp", "block_slots.cpp", "amx_linear.cpp"]
 # -ffast-math lets the compiler vectorize exp (glibc's libmvec); the kernels use finite sentinels.
 CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
 # IEEE arithmetic, no fused multiply-adds (the last two flags change no value; they let
