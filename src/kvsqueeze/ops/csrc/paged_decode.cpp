@@ -434,6 +434,16 @@ torch::Tensor paged_decode(torch::Tensor query, torch::Tensor keys, torch::Tenso
   }
   auto q_pos = query_positions.to(torch::kInt64).contiguous();
   const int64_t* q_pos_ptr = q_pos.data_ptr<int64_t>();
+  // Split rows (a store's head each) among the threads by what they read, not by count:
+  // under Ada-KV's budgets one head can hold ten times another's entries.
+  constexpr int64_t kRowCost = 64;  // a row's fixed work, in entries
+  std::vector<int64_t> cost(stores * heads + 1, 0);
+  for (int64_t row = 0; row < stores * heads; ++row)
+    cost[row + 1] = cost[row] + length_ptr[row / heads][row % heads] + kRowCost;
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), stores * heads));
+  auto first_row = [&](int64_t part) {
+    return static_cast<int64_t>(std::lower_bound(cost.begin(), cost.end() - 1, cost.back() * part / parts) - cost.begin());
+  };
   auto out = torch::empty_like(query);
   const float scale_f = static_cast<float>(scale);
 #define KVSQ_CASES(...)                              \
@@ -448,7 +458,8 @@ torch::Tensor paged_decode(torch::Tensor query, torch::Tensor keys, torch::Tenso
     AT_DISPATCH_SWITCH(query.scalar_type(), "paged_decode_q", KVSQ_CASES([&] {
       const scalar_t* q = query.data_ptr<scalar_t>();
       scalar_t* o = out.data_ptr<scalar_t>();
-      at::parallel_for(0, stores * heads, 1, [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, parts, 1, [&](int64_t first_part, int64_t last_part) {
+        const int64_t begin = first_row(first_part), end = first_row(last_part);
         for (int64_t row = begin; row < end; ++row) {
           const int64_t s = row / heads, h = row % heads;
           auto row_fn = d == 64 ? attend_row<64, KV, scalar_t>
