@@ -2,6 +2,6 @@
 adapter (hf/) and the serving engine (engine/) both drive it."""
 
 from kvsqueeze.cache.cross_layer import CrossLayerPrefill
-from kvsqueeze.cache.layer import CompressedLayer, PrefillCallback, StoreFactory
+from kvsqueeze.cache.layer import CompressedLayer, LayerMark, PrefillCallback, StoreFactory
 
-__all__ = ["CompressedLayer", "CrossLayerPrefill", "PrefillCallback", "StoreFactory"]
+__all__ = ["CompressedLayer", "CrossLayerPrefill", "LayerMark", "PrefillCallback", "StoreFactory"]

@@ -14,6 +14,7 @@ it imports only policy/, store/ and ops/.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -22,12 +23,21 @@ from kvsqueeze.cache.cross_layer import CrossLayerPrefill
 from kvsqueeze.ops import append_tokens, attend, dense_causal_attention, policy_scores
 from kvsqueeze.policy import Policy, ScoreInput
 from kvsqueeze.store import FlatKV
-from kvsqueeze.store.base import KVStore
+from kvsqueeze.store.base import KVStore, StoreMark
 
 # (keys [heads, t, d], values, keep [heads, t], positions [t]) -> a store of the kept entries
 StoreFactory = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], KVStore]
 # Called with (layer_idx, the dense prefill) before it is compressed: e.g. to record it.
 PrefillCallback = Callable[[int, ScoreInput], None]
+
+
+@dataclass(frozen=True)
+class LayerMark:
+    """A layer's state as CompressedLayer.mark() saw it, for rollback()."""
+
+    seen: int
+    real_tokens: torch.Tensor | None
+    store: StoreMark | None
 
 
 class CompressedLayer:
@@ -81,6 +91,42 @@ class CompressedLayer:
         if self.cross_layer is not None:
             self.cross_layer.discard(self.layer_idx)
         self.store, self.seen, self.real_tokens, self.kept_after_prefill = None, 0, None, None
+
+    def mark(self) -> LayerMark:
+        """The layer as it is now, for rollback(): its logical length and its store's
+        (a cross-layer prefill still waiting is compressed first)."""
+        self.settle()
+        real = None if self.real_tokens is None else self.real_tokens.clone()
+        return LayerMark(self.seen, real, None if self.store is None else self.store.mark())
+
+    def check_rollback(self, mark: LayerMark) -> None:
+        """Raise the ValueError rollback(mark) would, changing nothing."""
+        self.settle()
+        prefill_since = mark.store is None and self.store is not None
+        if prefill_since or mark.seen > self.seen:
+            raise ValueError(
+                f"layer {self.layer_idx} holds {self.seen} tokens and cannot roll back to a mark of {mark.seen}: "
+                "a rollback only undoes chunks stepped after its mark"
+            )
+        if self.store is not None:
+            self.store.check_rollback(mark.store)
+
+    def rollback(self, mark: LayerMark) -> None:
+        """Undo the chunks stepped since mark() gave `mark`: drop the entries they
+        appended to every head and count their tokens as never seen, so the layer
+        attends, and positions the next chunk, as it did then. Only appends are undone:
+        a mark taken before the prefill, or past what the layer holds, is refused."""
+        self.check_rollback(mark)
+        if self.store is not None:
+            self.store.rollback(mark.store)
+        self.seen = mark.seen
+        self.real_tokens = None if mark.real_tokens is None else mark.real_tokens.clone()
+
+    def rollback_room(self) -> int | None:
+        """Tokens that may be stepped from now on and still be undone by rollback(mark());
+        None: any number."""
+        self.settle()
+        return None if self.store is None else self.store.rollback_room()
 
     def settle(self) -> None:
         """Build the store now if this layer's prefill still waits for a cross-layer allocation."""

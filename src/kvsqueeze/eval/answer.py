@@ -52,9 +52,13 @@ def graded_answer(
     forward also grades it); where the picks leave a guess, the next is the first of
     `drafts` (e.g. other policies' answers to the same prompt, most common first) that
     goes on from the picks so far; with none left, plain greedy decoding finishes the
-    answer. Each guess runs on a copy of the cache as it was after the lead."""
+    answer. Each guess runs on the cache as it was after the lead: a wrong guess's
+    tokens are rolled back (KVSqueezeCache.rollback), or, where a quantized cache could
+    not undo them all, the guess runs on a copy."""
     start = forced_logits(model, cache, logits, lead)[-1:]
-    after_lead = _copy(cache)
+    longest = max(len(guess) for guess in [target, *drafts])  # a guess is the target, a draft or a prefix of one
+    room = cache.rollback_room()
+    after_lead: list | KVSqueezeCache = cache.mark() if room is None or longest <= room else _copy(cache)
     rows = forced_logits(model, cache, start, target)  # rows[k] predicts target[k]
     logprob = None
     if target:
@@ -69,14 +73,18 @@ def graded_answer(
             )
             return tokens + more, logprob
         guess = next((d for d in drafts if len(d) > len(tokens) and d[: len(tokens)] == tokens), tokens)
-        cache = _copy(after_lead)
+        if isinstance(after_lead, KVSqueezeCache):
+            cache = _copy(after_lead)
+        else:
+            cache.rollback(after_lead)
         rows = forced_logits(model, cache, start, guess)
     return tokens, logprob
 
 
 def _copy(cache: KVSqueezeCache) -> KVSqueezeCache:
-    """An independent copy of the cache's contents, far cheaper than compressing the
-    prefill again and feeding it the lead; the model it refers to is shared, not copied."""
+    """An independent copy of the cache's contents, for a quantized cache whose guesses
+    could fill a residual group (which no rollback undoes); the model it refers to is
+    shared, not copied."""
     return copy.deepcopy(cache, {id(cache.model): cache.model})
 
 

@@ -21,7 +21,7 @@ import torch
 from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from kvsqueeze.cache import CompressedLayer, CrossLayerPrefill, PrefillCallback
+from kvsqueeze.cache import CompressedLayer, CrossLayerPrefill, LayerMark, PrefillCallback
 from kvsqueeze.ops import dense_causal_attention
 from kvsqueeze.ops.cpu_quantize import CpuKVQuantizer
 from kvsqueeze.policy import Policy
@@ -211,6 +211,30 @@ class KVSqueezeCache(Cache):
         """Give back room no token uses (see KVStore.trim): nbytes is then the kept tokens'."""
         for layer in self._filled():
             layer.store.trim()
+
+    def mark(self) -> list[LayerMark]:
+        """The cache as it is now, for rollback(): every layer's logical length and
+        per-head lengths."""
+        return [layer.compressed.mark() for layer in self.layers]
+
+    def rollback(self, mark: list[LayerMark]) -> None:
+        """Forget the tokens fed since mark() gave `mark`: every layer drops the entries
+        they appended to its heads and their count, so the cache answers, and positions
+        the next tokens, as a copy taken at the mark would (far cheaper than the copy).
+        A quantized cache refuses once those tokens filled a residual group (see
+        rollback_room())."""
+        if len(mark) != len(self.layers):
+            raise ValueError(f"a mark of {len(mark)} layers cannot roll back a cache of {len(self.layers)}")
+        for layer, layer_mark in zip(self.layers, mark, strict=True):  # every layer first: all or nothing
+            layer.compressed.check_rollback(layer_mark)
+        for layer, layer_mark in zip(self.layers, mark, strict=True):
+            layer.compressed.rollback(layer_mark)
+
+    def rollback_room(self) -> int | None:
+        """How many tokens may be fed from now on and still be undone by rollback(mark());
+        None: any number (an unquantized cache)."""
+        rooms = [layer.compressed.rollback_room() for layer in self.layers]
+        return min((r for r in rooms if r is not None), default=None)
 
     def stored_tokens(self) -> int:
         """Physical length: live entries over all layers, sequences and heads."""

@@ -14,8 +14,40 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
+
+
+@dataclass(frozen=True)
+class StoreMark:
+    """A store's state as KVStore.mark() saw it, for rollback(): each head's length
+    [heads], and what else the store needs to tell whether it can return there
+    exactly (a QuantizedKV's quantized entries per head; None for other stores)."""
+
+    lengths: torch.Tensor
+    quantized: torch.Tensor | None = None
+
+
+def check_truncation(lengths: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """`keep` as the per-head lengths a store holding `lengths` [heads] may be truncated
+    to (same shape, between 0 and each head's length), or a ValueError saying why not."""
+    keep = torch.as_tensor(keep, device=lengths.device)
+    if keep.shape != lengths.shape or keep.dtype.is_floating_point or keep.dtype == torch.bool:
+        raise ValueError(
+            f"truncate takes integer lengths of shape {tuple(lengths.shape)}, got {keep.dtype} {tuple(keep.shape)}"
+        )
+    keep = keep.to(lengths.dtype)
+    if bool((keep < 0).any()):
+        raise ValueError(f"cannot truncate a head to a negative length: {keep.tolist()}")
+    longer = (keep > lengths).nonzero().flatten().tolist()
+    if longer:
+        h = longer[0]
+        raise ValueError(
+            f"cannot truncate head {h} to {int(keep[h])} entries: it holds {int(lengths[h])} "
+            f"(a rollback can only drop entries appended after its mark)"
+        )
+    return keep
 
 
 class KVStore(ABC):
@@ -81,6 +113,32 @@ class KVStore(ABC):
         """Keep only entries keep[head, i] (i indexes each head's live run in order,
         [heads, >= max length]; columns past a head's length are ignored) and release
         the room the others held."""
+
+    def truncate(self, lengths: torch.Tensor) -> None:
+        """Keep only the first lengths[h] entries of each head's run (lengths [heads],
+        at most each head's length): what drops the entries the last appends added.
+        Stores that cannot do it say so."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be truncated")
+
+    def mark(self) -> StoreMark:
+        """The store as it is now, for rollback()."""
+        return StoreMark(self.lengths.clone())
+
+    def check_rollback(self, mark: StoreMark) -> None:
+        """Raise the ValueError rollback(mark) would, changing nothing."""
+        check_truncation(self.lengths, mark.lengths)
+
+    def rollback(self, mark: StoreMark) -> None:
+        """Drop every entry appended since mark() gave `mark`, so the store reads as it
+        did then (free room it grew meanwhile is kept). Appends since are the only
+        change it undoes: an eviction since the mark is not."""
+        self.check_rollback(mark)
+        self.truncate(mark.lengths)
+
+    def rollback_room(self) -> int | None:
+        """How many more entries per head appends may add from now on and still be
+        undone exactly by rollback(mark()); None: any number."""
+        return None
 
     @abstractmethod
     def head(self, h: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from kvsqueeze.store.base import KVStore
+from kvsqueeze.store.base import KVStore, check_truncation
 
 MIN_SLACK = 16
 # Slack per head on growth = mean head length / GROWTH_DIVISOR: at most ~6% of bytes
@@ -167,6 +167,15 @@ class FlatKV(KVStore):
         self.values[slots] = values.to(self.values.dtype)
         self.positions[slots] = positions.to(self.positions.dtype)  # int32, or int16 in a QuantizedKV
         self._lengths += added
+
+    def truncate(self, lengths: torch.Tensor) -> None:
+        """Keep each head's first lengths[h] entries (KVStore.truncate); the slots of the
+        dropped ones become free (position -1), so the layout and capacity stay."""
+        lengths = check_truncation(self._lengths, lengths)
+        dropped, _ = run_indices(self.starts + lengths, self._lengths - lengths)
+        self.positions[dropped] = -1  # free slots hold -1: max_position() reads every slot
+        self._lengths.copy_(lengths)  # in place, as appends advance it
+        self._headroom = int((self.capacity - self._lengths).min()) if self.num_heads else 0
 
     def make_room(self, q: int, valid: torch.Tensor | None = None) -> torch.Tensor:
         """Make sure every head has free slots for an append of q entries (valid[h, q]

@@ -56,7 +56,7 @@ from typing import Literal
 
 import torch
 
-from kvsqueeze.store.base import KVStore
+from kvsqueeze.store.base import KVStore, StoreMark, check_truncation
 from kvsqueeze.store.flat_kv import FlatKV
 from kvsqueeze.store.quantize import KVQuantizer, unpack
 
@@ -291,6 +291,41 @@ class QuantizedKV(KVStore):
     def trim(self) -> None:
         for part in (self.codes, self.groups, self.residual):
             part.trim()
+
+    def truncate(self, lengths: torch.Tensor) -> None:
+        """Keep each head's first lengths[h] entries (KVStore.truncate). Only the
+        full-precision residual can lose entries: quantized ones are refused."""
+        lengths = check_truncation(self.lengths, lengths)
+        quantized = self.codes.lengths
+        short = (lengths < quantized).nonzero().flatten().tolist()
+        if short:
+            h = short[0]
+            raise ValueError(
+                f"cannot truncate head {h} to {int(lengths[h])} entries: its first {int(quantized[h])} are "
+                f"quantized, and only the full-precision residual (the newest entries) can be dropped"
+            )
+        self.residual.truncate(lengths - quantized)
+
+    def mark(self) -> StoreMark:
+        return StoreMark(self.lengths, self.codes.lengths.clone())
+
+    def check_rollback(self, mark: StoreMark) -> None:
+        """KVStore.check_rollback. A rollback is refused once a group appended since the
+        mark was quantized (its entries left the residual): the store cannot return
+        exactly to the mark then. rollback_room() says how many appends are safe."""
+        if mark.quantized is None or not torch.equal(self.codes.lengths, mark.quantized):
+            raise ValueError(
+                "cannot roll this quantized store back to the mark: entries appended since were quantized "
+                "(a residual group filled), or the mark is not a quantized store's"
+            )
+        check_truncation(self.lengths, mark.lengths)
+
+    def rollback_room(self) -> int:
+        """Appends quantize a head's oldest residual group once it holds R + G entries:
+        up to R + G - 1 - (the longest residual) more entries per head leave every
+        quantized entry as it is."""
+        longest = int(self.residual.lengths.max()) if self.num_heads else 0
+        return max(0, self.residual_len + self.quantizer.group - 1 - longest)
 
     def evict(self, keep: torch.Tensor) -> None:
         """Keep entries keep[h, i] of each head's run (quantized entries first, then the
