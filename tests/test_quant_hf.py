@@ -12,13 +12,7 @@ from kvsqueeze.policy import make_policy
 from kvsqueeze.store import FlatKV
 from kvsqueeze.store.quantized_kv import QuantizedKV
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(bits: int, policy: str = "ada-snapkv", keep: float = 0.5, new_tokens: int = 20):
