@@ -60,7 +60,7 @@ def dense_masked_attention(
 def check_pool_whole(pool: BlockPool, layers: list[PagedKV]) -> None:
     """Every block is free or owned by exactly one head of one layer; nothing else."""
     owned = [b for kv in layers for b in kv.owned_blocks()]
-    free = pool._free
+    free = pool._ids.free_ids()
     assert len(owned) == len(set(owned)), "a block owned twice"
     assert len(free) == len(set(free)), "a block free twice"
     assert not set(owned) & set(free), "a block both owned and free"

@@ -28,7 +28,7 @@ from collections.abc import Iterable
 
 import torch
 
-from kvsqueeze.store.block_pool import PoolExhausted
+from kvsqueeze.store.free_list import FreeList
 from kvsqueeze.store.quantize import KVQuantizer
 
 # Pages start fields at multiples of this many bytes, so every field views as its dtype.
@@ -57,8 +57,7 @@ class QuantizedBlockPool:
         self.page_nbytes, self.block_size = layout["page"], layout["block_size"]
         self._offsets = layout
         self.arena = torch.zeros(num_blocks, self.page_nbytes, dtype=torch.uint8, device=device)
-        self._free = list(range(num_blocks - 1, -1, -1))  # a stack: low ids go out first
-        self._out = [False] * num_blocks
+        self._ids = FreeList(num_blocks, "page")
 
     @staticmethod
     def layout(head_dim: int, quantizer: KVQuantizer, dtype: torch.dtype) -> dict[str, int]:
@@ -99,7 +98,7 @@ class QuantizedBlockPool:
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return self._ids.num_free
 
     @property
     def device(self) -> torch.device:
@@ -114,31 +113,17 @@ class QuantizedBlockPool:
         return self.page_nbytes
 
     def is_out(self, block: int) -> bool:
-        return self._out[block]
+        return self._ids.holders(block) > 0
 
     def is_shared(self, block: int) -> bool:
         """Pages are never shared (the quantized engine has no prefix cache)."""
         return False
 
     def allocate(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise PoolExhausted(f"asked for {n} pages, {len(self._free)} of {self.num_blocks} are free")
-        if n <= 0:
-            return []
-        pages = self._free[: -n - 1 : -1]  # lowest id first, as BlockPool.allocate
-        del self._free[-n:]
-        for p in pages:
-            self._out[p] = True
-        return pages
+        return self._ids.allocate(n)
 
     def release(self, pages: Iterable[int]) -> None:
-        freed = list(pages)
-        for p in freed:
-            if not self._out[p]:
-                raise ValueError(f"page {p} is released but was not allocated")
-        for p in freed:
-            self._out[p] = False
-        self._free.extend(sorted(freed, reverse=True))  # the lowest freed id on top
+        self._ids.release(pages)
 
     # ---------------------------------------------------------------- quantized pages
     def read_quantized(
