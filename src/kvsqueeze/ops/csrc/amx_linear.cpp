@@ -6,6 +6,7 @@
 // one 16-column block streams through memory along K, and every 16 rows of x multiply
 // it with tdpbf16ps while the next tiles are prefetched.
 #include "kernels.h"
+#include "prefetch.h"
 
 #include <ATen/Parallel.h>
 
@@ -49,11 +50,6 @@ void configure_tiles() {
   _tile_loadconfig(&config);
 }
 
-void prefetch_tile(const at::BFloat16* tile) {
-  const char* bytes = reinterpret_cast<const char*>(tile);
-  for (int line = 0; line < kTileElems * 2 / 64; ++line) _mm_prefetch(bytes + 64 * line, _MM_HINT_T0);
-}
-
 // MT (1-2) row tiles of x times NT (1-2) column blocks of W over all of K, into `out`
 // [MT*16, NT*16] fp32. Tiles: C in tmm0-3 (row tile r, block c at 2r + c), x in tmm4-5, W in tmm6-7.
 template <int MT, int NT>
@@ -67,10 +63,10 @@ void multiply(const at::BFloat16* x, int64_t x_row_bytes, const at::BFloat16* w0
     const char* a = reinterpret_cast<const char*>(x) + k * kTileK * 2;
     _tile_loadd(4, a, x_row_bytes);
     if (MT == 2) _tile_loadd(5, a + kTileRows * x_row_bytes, x_row_bytes);
-    prefetch_tile(w0 + (k + kPrefetchTiles) * kTileElems);
+    prefetch_block(w0 + (k + kPrefetchTiles) * kTileElems, kTileElems);
     _tile_loadd(6, w0 + k * kTileElems, kTileK * 2);
     if (NT == 2) {
-      prefetch_tile(w1 + (k + kPrefetchTiles) * kTileElems);
+      prefetch_block(w1 + (k + kPrefetchTiles) * kTileElems, kTileElems);
       _tile_loadd(7, w1 + k * kTileElems, kTileK * 2);
     }
     _tile_dpbf16ps(0, 4, 6);

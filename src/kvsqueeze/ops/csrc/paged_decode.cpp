@@ -6,6 +6,7 @@
 // gather of the cache, no padding, no mask tensor: every byte of K/V is read once, in
 // its storage dtype, and converted to fp32 in registers. Rows run in parallel.
 #include "kernels.h"
+#include "prefetch.h"  // blocks lie scattered over the pool: the next is prefetched (1.7x with shuffled blocks)
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -62,16 +63,6 @@ inline float softmax_in_place(float* p, int64_t n, float neg_inf) {
   }
   return 1.f / sum;
 }
-
-#if defined(__AVX2__) && defined(__FMA__)
-// Blocks lie scattered over the pool: the hardware prefetcher loses the stream at
-// every block boundary, so the next block is asked for while this one is read
-// (1.7x at batch 16 x 2k with shuffled blocks).
-inline void prefetch_block(const uint16_t* block, int64_t elements) {
-  const char* bytes = reinterpret_cast<const char*>(block);
-  for (int64_t off = 0; off < elements * 2; off += 64) _mm_prefetch(bytes + off, _MM_HINT_T0);
-}
-#endif
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 // The hot case on CPUs with AVX512-BF16 (Sapphire Rapids and later), bf16 K/V with a
