@@ -141,6 +141,36 @@ def test_append_decode_writes_what_the_torch_append_writes_across_block_boundari
         assert torch.equal(torch_side, kernel_side)
 
 
+@pytest.mark.parametrize("narrow", [False, True])
+def test_full_heads_take_the_spare_blocks_in_the_kernel_or_widen_their_table_first(narrow, monkeypatch):
+    """Every head at a block boundary: with room in the tables the kernel hands out the
+    blocks itself (the Python fallback never runs); a table with no free column is
+    widened the general way. Either way the pool gives the same blocks, in row order,
+    and the contents equal the torch append's."""
+    from kvsqueeze.ops.cpu_paged_decode import append_decode_cpu
+    from kvsqueeze.store import paged_kv
+
+    worlds = []
+    for kernel in (None, append_decode_cpu):
+        pool = BlockPool(64, 64, dtype=torch.bfloat16)
+        gen = torch.Generator().manual_seed(0)
+        dense = [(torch.randn(2, 32, 64, generator=gen), torch.randn(2, 32, 64, generator=gen)) for _ in range(3)]
+        stores = [PagedKV.from_dense(pool, k, v, None) for k, v in dense]
+        for kv in stores:
+            width = 2 if narrow else 4  # heads own 2 blocks each; 2 columns: no free one
+            kv._table = torch.cat([kv._table[:, :2], kv._table.new_full((2, width - 2), -1)], dim=1).contiguous()
+        if kernel is not None and not narrow:
+            monkeypatch.setattr(paged_kv, "_take_one_block_each", lambda *a: pytest.fail("the Python fallback ran"))
+        new = torch.randn(6, 64, generator=gen), torch.randn(6, 64, generator=gen)
+        paged_kv.append_step(stores, *new, [40, 41, 42], kernel)
+        monkeypatch.undo()
+        assert [kv.num_blocks.tolist() for kv in stores] == [[3, 3]] * 3
+        assert all(kv.host_table.shape[1] >= 3 for kv in stores)
+        worlds.append(_state(stores) + [kv.host_table[:, :3] for kv in stores])
+    for torch_side, kernel_side in zip(*worlds, strict=True):
+        assert torch.equal(torch_side, kernel_side)
+
+
 def test_the_build_is_named_after_this_cpu():
     """-march=native builds must not be shared by machines of different CPUs."""
     tag = cpu_extension._machine_tag()

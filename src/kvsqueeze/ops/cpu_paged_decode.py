@@ -46,12 +46,18 @@ def paged_decode_cpu(
 
 
 def append_decode_cpu(
-    stores: Sequence[PagedKV], keys: torch.Tensor, values: torch.Tensor, positions: Sequence[int] | torch.Tensor
+    stores: Sequence[PagedKV],
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    positions: Sequence[int] | torch.Tensor,
+    spare: Sequence[int] = (),
 ) -> torch.Tensor:
     """store/paged_kv.py's append_step in one C++ call (its `kernel`): every head of every
     store gets its entry keys/values[row] (rows store-major, in the pool's dtype) at
-    positions[store], lengths grow in place; or, when some head's last block is full,
-    nothing is written and those heads' rows come back (int64) to be given blocks first."""
+    positions[store], lengths grow in place. A head whose last block is full takes the
+    next of the `spare` block ids (taken from the pool by the caller) into its table, in
+    row order. Where the spare ids are too few, or a full head's table has no free
+    column, nothing is written and the full heads' rows come back (int64)."""
     pool = stores[0].pool
     if not isinstance(positions, torch.Tensor):
         positions = torch.tensor(list(positions), dtype=torch.int64)
@@ -59,7 +65,7 @@ def append_decode_cpu(
         pool.keys, pool.values, pool.positions,
         [kv.host_table for kv in stores], [kv.num_blocks for kv in stores],
         [kv.host_lengths for kv in stores], [kv.lengths for kv in stores],
-        keys, values, positions,
+        keys, values, positions, torch.tensor(spare, dtype=torch.int32),
     )  # fmt: skip
 
 

@@ -399,16 +399,21 @@ def append_step(
     positions[i] is store i's new position. Blocks are taken only by heads whose last
     block is full. This runs for every layer of every decode step: `kernel` may do the
     writing in one call (the engine passes the CPU kernel's, ops/cpu_paged_decode.py):
-    kernel(stores, keys, values, positions) writes every entry and returns nothing, or
-    writes nothing and returns the heads (rows across the stores) that need a block."""
+    kernel(stores, keys, values, positions, spare) writes every entry, handing the block
+    ids `spare` to the heads whose last block is full, and returns nothing; or, where
+    the ids are too few or such a head's table has no free column, writes nothing and
+    returns those heads (rows across the stores)."""
     pool = stores[0].pool
     heads = stores[0].num_heads
     if kernel is not None:
         keys, values = keys.to(pool.dtype).contiguous(), values.to(pool.dtype).contiguous()
         full = kernel(stores, keys, values, positions)
         if full.numel():
-            _take_one_block_each(stores, heads, full.tolist())
-            kernel(stores, keys, values, positions)
+            spare = pool.allocate(full.numel())
+            if kernel(stores, keys, values, positions, spare).numel():  # a table to widen: the general way
+                pool.release(spare)
+                _take_one_block_each(stores, heads, full.tolist())
+                kernel(stores, keys, values, positions)
         return
     lengths = torch.cat([kv._host_lengths for kv in stores])
     full = lengths >= torch.cat([kv._num_blocks for kv in stores]) * pool.block_size  # the head's last block is full

@@ -10,7 +10,8 @@ namespace {
 void check_store(const torch::Tensor& table, const torch::Tensor& lengths, const torch::Tensor& owned, size_t s) {
   TORCH_CHECK(table.scalar_type() == torch::kInt32 && table.is_contiguous() && !table.is_cuda(), "tables: int32 host");
   TORCH_CHECK(lengths.scalar_type() == torch::kInt64 && lengths.is_contiguous(), "lengths: int64 host");
-  TORCH_CHECK(owned.scalar_type() == torch::kInt64 && owned.numel() == lengths.numel(), "num_blocks: int64 per head");
+  TORCH_CHECK(owned.scalar_type() == torch::kInt64 && owned.is_contiguous() && owned.numel() == lengths.numel(),
+              "num_blocks: int64 per head");
   TORCH_CHECK(table.size(0) == lengths.numel(), "store ", s, ": table and lengths differ in heads");
 }
 
@@ -34,7 +35,7 @@ int64_t blocks_needed(std::vector<torch::Tensor> lengths, std::vector<torch::Ten
 torch::Tensor append_decode(torch::Tensor pool_keys, torch::Tensor pool_values, torch::Tensor pool_positions,
                             std::vector<torch::Tensor> tables, std::vector<torch::Tensor> num_blocks,
                             std::vector<torch::Tensor> host_lengths, std::vector<torch::Tensor> lengths,
-                            torch::Tensor keys, torch::Tensor values, torch::Tensor positions) {
+                            torch::Tensor keys, torch::Tensor values, torch::Tensor positions, torch::Tensor spare) {
   const size_t stores = tables.size();
   TORCH_CHECK(num_blocks.size() == stores && host_lengths.size() == stores && lengths.size() == stores,
               "one table, num_blocks and lengths per store");
@@ -44,19 +45,36 @@ torch::Tensor append_decode(torch::Tensor pool_keys, torch::Tensor pool_values, 
               "keys and values in the pool's dtype");
   TORCH_CHECK(keys.is_contiguous() && values.is_contiguous() && pool_keys.is_contiguous() && pool_values.is_contiguous(),
               "contiguous keys, values and pool");
+  TORCH_CHECK(spare.scalar_type() == torch::kInt32 && spare.is_contiguous(), "spare: int32 block ids");
   const int64_t block_size = pool_keys.size(1), d = pool_keys.size(2);
-  // A head whose last block is full needs a block first: say which (store-major rows), write nothing.
+  // A head whose last block is full needs a block first. With too few spare ids, or a
+  // table with no free column for one, say which heads (store-major rows), write nothing.
   std::vector<int64_t> full;
+  bool room = true;
   int64_t rows = 0;
   for (size_t s = 0; s < stores; ++s) {
     check_store(tables[s], host_lengths[s], num_blocks[s], s);
     const int64_t* n = host_lengths[s].data_ptr<int64_t>();
     const int64_t* b = num_blocks[s].data_ptr<int64_t>();
-    for (int64_t h = 0; h < host_lengths[s].numel(); ++h, ++rows)
-      if (n[h] >= b[h] * block_size) full.push_back(rows);
+    for (int64_t h = 0; h < host_lengths[s].numel(); ++h, ++rows) {
+      if (n[h] >= b[h] * block_size) {
+        full.push_back(rows);
+        room = room && b[h] < tables[s].size(1);
+      }
+    }
   }
   TORCH_CHECK(keys.size(0) == rows && values.size(0) == rows && keys.size(1) == d, "keys/values: [heads, d]");
-  if (!full.empty()) return torch::tensor(full, torch::kInt64);
+  if (!full.empty() && (!room || spare.numel() < static_cast<int64_t>(full.size())))
+    return torch::tensor(full, torch::kInt64);
+  // Hand the spare ids to the full heads in row order (as one allocation across the stores would).
+  const int32_t* id = spare.data_ptr<int32_t>();
+  for (size_t s = 0; s < stores && !full.empty(); ++s) {
+    int32_t* t = tables[s].data_ptr<int32_t>();
+    int64_t* b = num_blocks[s].data_ptr<int64_t>();
+    const int64_t* n = host_lengths[s].data_ptr<int64_t>();
+    for (int64_t h = 0; h < host_lengths[s].numel(); ++h)
+      if (n[h] >= b[h] * block_size) t[h * tables[s].size(1) + b[h]++] = *id++;
+  }
   const int64_t row_bytes = d * keys.element_size();
   char* pk = static_cast<char*>(pool_keys.data_ptr());
   char* pv = static_cast<char*>(pool_values.data_ptr());

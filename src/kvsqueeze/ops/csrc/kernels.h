@@ -13,7 +13,7 @@ int64_t blocks_needed(std::vector<torch::Tensor> lengths, std::vector<torch::Ten
 torch::Tensor append_decode(torch::Tensor pool_keys, torch::Tensor pool_values, torch::Tensor pool_positions,
                             std::vector<torch::Tensor> tables, std::vector<torch::Tensor> num_blocks,
                             std::vector<torch::Tensor> host_lengths, std::vector<torch::Tensor> lengths,
-                            torch::Tensor keys, torch::Tensor values, torch::Tensor positions);
+                            torch::Tensor keys, torch::Tensor values, torch::Tensor positions, torch::Tensor spare);
 
 torch::Tensor rms_norm_bf16(torch::Tensor x, torch::Tensor weight, double eps);
 torch::Tensor silu_mul_bf16(torch::Tensor gate_up);

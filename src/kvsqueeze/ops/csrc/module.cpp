@@ -3,7 +3,7 @@
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode, "decode attention over per-head blocks of a pool");
   m.def("blocks_needed", &blocks_needed, "blocks many stores' heads must take to grow by n tokens each");
-  m.def("append_decode", &append_decode, "write one entry into every head of many stores, or name the full heads");
+  m.def("append_decode", &append_decode, "write one entry into every head of many stores (full heads take spare block ids), or name the full heads");
   m.def("rms_norm_bf16", &rms_norm_bf16, "Llama RMSNorm of bf16 rows, rounded as transformers rounds");
   m.def("silu_mul_bf16", &silu_mul_bf16, "silu(gate) * up of a fused [T, 2I] bf16 gate/up projection");
   m.def("amx_linear_available", &amx_linear_available, "whether this build and OS run amx_linear");

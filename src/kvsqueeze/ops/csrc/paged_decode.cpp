@@ -1,10 +1,10 @@
 // Decode attention straight out of the block pool, on the CPU.
 //
 // One query token per sequence: each (sequence, kv-head) row walks its own blocks
-// (its block table), scores the block's entries against the row's GQA group of
-// queries and folds them into an online softmax, then accumulates the values. No
-// gather of the cache, no padding, no mask tensor: every byte of K/V is read once, in
-// its storage dtype, and converted to fp32 in registers. Rows run in parallel.
+// (its block table) twice: it scores every entry against the row's GQA group of
+// queries, takes one softmax over the scores, then accumulates the values. No gather
+// of the cache, no padding, no mask tensor: every byte of K/V is read once, in its
+// storage dtype, and converted to fp32 in registers. Rows run in parallel.
 #include "kernels.h"
 #include "prefetch.h"  // blocks lie scattered over the pool: the next is prefetched (1.7x with shuffled blocks)
 #include <ATen/Parallel.h>
@@ -21,6 +21,14 @@
 #endif
 
 namespace {
+
+// Per-thread scratch, grown as needed and kept across rows: a step of many short rows
+// (Ada-KV's heads) paid several allocations per row for its few small arrays.
+inline float* scratch(int slot, size_t n) {
+  thread_local std::vector<float> buffers[6];
+  if (buffers[slot].size() < n) buffers[slot].resize(n);
+  return buffers[slot].data();
+}
 
 inline void load_row(const float* src, float* dst, int64_t d) { std::memcpy(dst, src, d * sizeof(float)); }
 
@@ -97,22 +105,29 @@ void attend_row_bf16(const uint16_t* q, int terms, float scale, float* out, cons
                      int64_t block_size, int64_t q_pos, int64_t window, bool masked) {
   constexpr int C = D / 32;  // 512-bit chunks of 32 bf16 per row
   const float neg_inf = -1e30f;
-  std::vector<float> p(group * length), partial(group * 16 * 16), acc(group * 2 * C * 16, 0.f);
+  float* p = scratch(0, group * length);
+  float* partial = scratch(1, group * 16 * 16);
+  float* acc = scratch(2, group * 2 * C * 16);
+  std::fill(acc, acc + group * 2 * C * 16, 0.f);
   const __m512 scale_v = _mm512_set1_ps(scale);
+  const int64_t blocks = (length + block_size - 1) / block_size;
   int filled = 0;  // keys whose partial dots wait in `partial` (the row's latest ones)
   auto flush = [&](int64_t next) {  // sum the waiting keys' partials into their scores
     const __mmask16 live = static_cast<__mmask16>((1u << filled) - 1);
     for (int64_t g = 0; g < group; ++g) {
       float* part = &partial[g * 256];
       for (int j = filled; j < 16; ++j) _mm512_storeu_ps(part + 16 * j, _mm512_setzero_ps());
-      _mm512_mask_storeu_ps(p.data() + g * length + next - filled, live, _mm512_mul_ps(sum16(part), scale_v));
+      _mm512_mask_storeu_ps(p + g * length + next - filled, live, _mm512_mul_ps(sum16(part), scale_v));
     }
     filled = 0;
   };
   for (int64_t b = 0, t0 = 0; t0 < length; ++b, t0 += block_size) {
     const int64_t base = static_cast<int64_t>(table[b]) * block_size;
     const int64_t n = std::min(block_size, length - t0);
-    if (t0 + block_size < length) prefetch_block(keys + static_cast<int64_t>(table[b + 1]) * block_size * D, block_size * D);
+    // Two blocks ahead (one is too little to hide the latency of a jump); past the
+    // last keys, the value pass's first blocks.
+    if (b + 2 < blocks) prefetch_block(keys + static_cast<int64_t>(table[b + 2]) * block_size * D, block_size * D);
+    else if (b + 2 - blocks < blocks) prefetch_block(values + static_cast<int64_t>(table[b + 2 - blocks]) * block_size * D, block_size * D);
     for (int64_t j = 0; j < n; ++j) {
       const uint16_t* row = keys + (base + j) * D;
       __m512i k[C];
@@ -141,13 +156,13 @@ void attend_row_bf16(const uint16_t* q, int terms, float scale, float* out, cons
     }
   }
   if (filled) flush(length);
-  std::vector<float> inv(group);
-  for (int64_t g = 0; g < group; ++g) inv[g] = softmax_in_place(p.data() + g * length, length, neg_inf);
+  float* inv = scratch(5, group);
+  for (int64_t g = 0; g < group; ++g) inv[g] = softmax_in_place(p + g * length, length, neg_inf);
   const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
   for (int64_t b = 0, t0 = 0; t0 < length; ++b, t0 += block_size) {
     const int64_t base = static_cast<int64_t>(table[b]) * block_size;
     const int64_t n = std::min(block_size, length - t0);
-    if (t0 + block_size < length) prefetch_block(values + static_cast<int64_t>(table[b + 1]) * block_size * D, block_size * D);
+    if (b + 2 < blocks) prefetch_block(values + static_cast<int64_t>(table[b + 2]) * block_size * D, block_size * D);
     for (int64_t g = 0; g < group; ++g) {
       // Even elements of a 32-bf16 chunk are its 32-bit lanes shifted up, the odd ones masked.
       __m512 ae[C], ao[C];
@@ -155,7 +170,7 @@ void attend_row_bf16(const uint16_t* q, int terms, float scale, float* out, cons
         ae[c] = _mm512_loadu_ps(&acc[((g * 2) * C + c) * 16]);
         ao[c] = _mm512_loadu_ps(&acc[((g * 2 + 1) * C + c) * 16]);
       }
-      const float* pg = p.data() + g * length + t0;
+      const float* pg = p + g * length + t0;
       for (int64_t j = 0; j < n; ++j) {
         const __m512 w = _mm512_set1_ps(pg[j]);
         const uint16_t* row = values + (base + j) * D;
@@ -315,8 +330,8 @@ void attend_row(const Q* query, Q* out, const KV* keys, const KV* values, const 
     // The query as bf16 terms [group, terms, D]: itself when the model runs in bf16; an
     // fp32 query as a bf16 head plus its bf16 remainder (16 bits of mantissa, not 8).
     constexpr int terms = std::is_same_v<Q, at::BFloat16> ? 1 : 2;
-    std::vector<at::BFloat16> qb(group * terms * D);
-    std::vector<float> of(group * D);
+    at::BFloat16* qb = reinterpret_cast<at::BFloat16*>(scratch(3, group * terms * D));
+    float* of = scratch(4, group * D);
     for (int64_t g = 0; g < group; ++g) {
       for (int i = 0; i < D; ++i) {
         const float x = static_cast<float>(query[g * D + i]);
@@ -325,10 +340,10 @@ void attend_row(const Q* query, Q* out, const KV* keys, const KV* values, const 
         if (terms == 2) qb[(g * terms + 1) * D + i] = static_cast<at::BFloat16>(x - static_cast<float>(head));
       }
     }
-    attend_row_bf16<D>(reinterpret_cast<const uint16_t*>(qb.data()), terms, scale, of.data(),
+    attend_row_bf16<D>(reinterpret_cast<const uint16_t*>(qb), terms, scale, of,
                        reinterpret_cast<const uint16_t*>(keys), reinterpret_cast<const uint16_t*>(values), positions,
                        table, length, group, block_size, q_pos, window, masked);
-    for (int64_t g = 0; g < group; ++g) store_row(of.data() + g * D, out + g * D, D);
+    for (int64_t g = 0; g < group; ++g) store_row(of + g * D, out + g * D, D);
     return;
   }
 #elif defined(__AVX2__) && defined(__FMA__)
@@ -453,6 +468,12 @@ torch::Tensor paged_decode(torch::Tensor query, torch::Tensor keys, torch::Tenso
         const int64_t begin = first_row(first_part), end = first_row(last_part);
         for (int64_t row = begin; row < end; ++row) {
           const int64_t s = row / heads, h = row % heads;
+          if (row + 1 < end) {  // the next row's first keys, asked for while this row runs
+            const int64_t ns = (row + 1) / heads, nh = (row + 1) % heads;
+            for (int64_t b = 0; b < 2 && b * block_size < length_ptr[ns][nh]; ++b)
+              prefetch_block(k + static_cast<int64_t>(table_ptr[ns][nh * table_width[ns] + b]) * block_size * d,
+                             block_size * d * static_cast<int64_t>(sizeof(KV)) / 2);
+          }
           auto row_fn = d == 64 ? attend_row<64, KV, scalar_t>
                         : d == 128 ? attend_row<128, KV, scalar_t> : attend_row<0, KV, scalar_t>;
           row_fn(q + row * group * d, o + row * group * d, k, v, pos,
