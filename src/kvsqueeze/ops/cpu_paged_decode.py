@@ -19,7 +19,7 @@ from kvsqueeze.store import PagedKV
 def paged_decode_cpu(
     query: torch.Tensor,
     stores: Sequence[PagedKV],
-    query_positions: Sequence[int],
+    query_positions: Sequence[int] | torch.Tensor,
     scaling: float,
     sliding_window: int | None = None,
     masked: bool = True,
@@ -38,7 +38,7 @@ def paged_decode_cpu(
         pool.positions,
         [kv.host_table for kv in stores],
         [kv.host_lengths for kv in stores],
-        torch.tensor(list(query_positions), dtype=torch.int64),
+        _int64(query_positions),
         float(scaling),
         sliding_window or 0,
         masked,
@@ -59,13 +59,11 @@ def append_decode_cpu(
     row order. Where the spare ids are too few, or a full head's table has no free
     column, nothing is written and the full heads' rows come back (int64)."""
     pool = stores[0].pool
-    if not isinstance(positions, torch.Tensor):
-        positions = torch.tensor(list(positions), dtype=torch.int64)
     return require_cpu_extension().append_decode(
         pool.keys, pool.values, pool.positions,
         [kv.host_table for kv in stores], [kv.num_blocks for kv in stores],
         [kv.host_lengths for kv in stores], [kv.lengths for kv in stores],
-        keys, values, positions, torch.tensor(spare, dtype=torch.int32),
+        keys, values, _int64(positions), torch.tensor(spare, dtype=torch.int32),
     )  # fmt: skip
 
 
@@ -74,3 +72,10 @@ def blocks_needed_cpu(stores: Sequence[PagedKV], n_tokens: int) -> int:
     return require_cpu_extension().blocks_needed(
         [kv.host_lengths for kv in stores], [kv.num_blocks for kv in stores], n_tokens, stores[0].block_size
     )
+
+
+def _int64(values: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    """Host int64 positions; a tensor as it is (list() of a tensor makes one tensor per element)."""
+    if isinstance(values, torch.Tensor):
+        return values.to(torch.int64).contiguous()
+    return torch.tensor(list(values), dtype=torch.int64)
