@@ -57,8 +57,7 @@ def graded_answer(
     not undo them all, the guess runs on a copy."""
     start = forced_logits(model, cache, logits, lead)[-1:]
     longest = max(len(guess) for guess in [target, *drafts])  # a guess is the target, a draft or a prefix of one
-    room = cache.rollback_room()
-    after_lead: list | KVSqueezeCache = cache.mark() if room is None or longest <= room else _copy(cache)
+    after_lead = _restorer(cache, longest)
     rows = forced_logits(model, cache, start, target)  # rows[k] predicts target[k]
     logprob = None
     if target:
@@ -73,12 +72,26 @@ def graded_answer(
             )
             return tokens + more, logprob
         guess = next((d for d in drafts if len(d) > len(tokens) and d[: len(tokens)] == tokens), tokens)
-        if isinstance(after_lead, KVSqueezeCache):
-            cache = _copy(after_lead)
-        else:
-            cache.rollback(after_lead)
+        cache = after_lead()
         rows = forced_logits(model, cache, start, guess)
     return tokens, logprob
+
+
+def _restorer(cache: KVSqueezeCache, longest: int) -> Callable[[], KVSqueezeCache]:
+    """A function giving the cache as it is now, each time it is called: the cache itself,
+    rolled back to a mark, where up to `longest` more tokens can be undone; else a fresh
+    copy of a copy taken now (a quantized cache whose residual could fill)."""
+    room = cache.rollback_room()
+    if room is None or longest <= room:
+        mark = cache.mark()
+
+        def rolled_back() -> KVSqueezeCache:
+            cache.rollback(mark)
+            return cache
+
+        return rolled_back
+    saved = _copy(cache)
+    return lambda: _copy(saved)
 
 
 def _copy(cache: KVSqueezeCache) -> KVSqueezeCache:
