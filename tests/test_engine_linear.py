@@ -1,5 +1,6 @@
 """engine/linear.py: the prepacked copy (AMX tiles or oneDNN's layout) gives F.linear's
-products for decode-sized batches, and large batches keep F.linear."""
+products for decode-sized batches, and large batches keep F.linear; a widened weight
+multiplies bf16 rows in fp32."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kvsqueeze.engine.linear import AMX_MAX_ROWS, PACKED_MAX_ROWS, Linear, can_prepack
+from kvsqueeze.engine.linear import AMX_MAX_ROWS, PACKED_MAX_ROWS, Linear, can_prepack, widens_bf16
+from kvsqueeze.ops.skinny_linear import SKINNY_MAX_ROWS
 
 needs_packing = pytest.mark.skipif(
     not can_prepack(torch.bfloat16, torch.device("cpu")), reason="no bf16 matrix instructions on this CPU"
@@ -33,7 +35,7 @@ def test_packed_products_equal_f_linear(rows, bias):
 def test_no_packing_off_bf16_or_off_the_cpu():
     assert not can_prepack(torch.float32, torch.device("cpu"))
     assert not can_prepack(torch.bfloat16, torch.device("meta"))
-    w = torch.randn(8, 4)
+    w = torch.randn(8, 4)  # K = 4: not a shape the skinny kernel takes
     layer = Linear(w, prepack=False)
     x = torch.randn(3, 4)
     assert layer.packed is None and torch.equal(layer(x), F.linear(x, w))
@@ -48,3 +50,27 @@ def test_amx_tiles_where_the_kernel_takes_the_shape_onednn_elsewhere():
     assert tiled.amx == amx_linear_available() and not odd.amx
     x = torch.randn(3, 40).bfloat16()
     torch.testing.assert_close(odd(x).float(), F.linear(x.float(), odd.weight.float()), rtol=2e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_widened_weight_multiplies_bf16_rows_in_fp32_and_answers_in_bf16(bias):
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(48, 64, generator=gen).bfloat16()
+    b = torch.randn(48, generator=gen).bfloat16() if bias else None
+    x = torch.randn(5, 64, generator=gen).bfloat16()
+    layer = Linear(w, b, widen=True)
+    out = layer(x)
+    expected = F.linear(x.float(), w.float(), None if b is None else b.float())
+    assert layer.weight is w and out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected, rtol=1e-2, atol=1e-2)  # bf16's rounding of the answer
+    wide = layer(torch.randn(SKINNY_MAX_ROWS + 1, 64, generator=gen).bfloat16())  # past the kernel: an fp32 copy
+    assert wide.dtype == torch.bfloat16 and wide.shape == (SKINNY_MAX_ROWS + 1, 48)
+
+
+def test_bf16_is_widened_exactly_where_it_is_not_prepacked():
+    cpu = torch.device("cpu")
+    if torch.backends.mkldnn.is_available():
+        assert widens_bf16(torch.bfloat16, cpu) != can_prepack(torch.bfloat16, cpu)
+    assert not widens_bf16(torch.float32, cpu) and not widens_bf16(torch.bfloat16, torch.device("meta"))
+    with pytest.raises(ValueError, match="either prepacked"):
+        Linear(torch.randn(16, 32).bfloat16(), prepack=True, widen=True)

@@ -11,6 +11,14 @@ bf16 matrix instructions a copy packed once ahead of time is faster:
 Past that F.linear is faster (at a 2048-token prefill chunk, 1.5x the AMX kernel and
 7% more than oneDNN's packed layout). The price is a second copy of the decoder's
 weights in host memory.
+
+A CPU without bf16 instructions (AVX2 only, e.g. Zen 3) has oneDNN emulate bf16
+products, 4-9x slower than fp32 ones (2-core Zen 3: a 2048-row [3072, 576] product
+takes 455 ms in bf16, 70 in fp32; 32 rows 7.4 ms against 1.6). There a bf16 layer is
+`widened`: its rows are multiplied in fp32, by the weight itself (ops/skinny_linear.py,
+widening in registers) up to SKINNY_MAX_ROWS rows, by an fp32 copy made per call past
+that. fp32 rows up to SKINNY_MAX_ROWS take the same kernel: sgemm reads the weights at
+3-5 GB/s there.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from kvsqueeze.ops.amx_linear import amx_linear, amx_linear_available, amx_packable, pack_amx_weight
+from kvsqueeze.ops.skinny_linear import skinny_linear, skinny_linear_takes
 
 PACKED_MAX_ROWS = 128  # up to this many rows, oneDNN's packed copy beats F.linear
 AMX_MAX_ROWS = 256  # up to this many rows, the AMX kernel beats F.linear
@@ -28,14 +37,30 @@ def can_prepack(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether packed bf16 products are available and run on matrix instructions here."""
     if device.type != "cpu" or dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
         return False
+    return native_bf16_products()
+
+
+def widens_bf16(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether bf16 products on `device` run faster in fp32 (a CPU without bf16 instructions)."""
+    return device.type == "cpu" and dtype == torch.bfloat16 and not native_bf16_products()
+
+
+def native_bf16_products() -> bool:
+    """Whether this CPU multiplies bf16 with its own instructions (AMX or AVX512-BF16)."""
     return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
 
 
 class Linear:
     """A weight [out, in] and optional bias [out]; `prepack` adds a packed copy (AMX
-    tiles where the kernel runs and takes the shape, oneDNN's layout otherwise)."""
+    tiles where the kernel runs and takes the shape, oneDNN's layout otherwise);
+    `widen` multiplies rows of another dtype in fp32 (returned in their dtype)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, prepack: bool = False) -> None:
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None = None, prepack: bool = False, widen: bool = False
+    ) -> None:
+        if prepack and widen:
+            raise ValueError("Linear: a weight is either prepacked in bf16 or widened to fp32, not both")
+        self.widened = widen
         self.weight, self.bias = weight, bias
         self.amx = prepack and amx_packable(weight) and amx_linear_available()
         if self.amx:
@@ -47,6 +72,10 @@ class Linear:
             self.packed = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.widened:
+            return self._fp32(x.float()).to(x.dtype)
+        if x.dtype == torch.float32:
+            return self._fp32(x)
         if self.packed is None or x.dim() != 2:
             return F.linear(x, self.weight, self.bias)
         if self.amx and x.shape[0] <= AMX_MAX_ROWS:
@@ -54,3 +83,9 @@ class Linear:
         if not self.amx and x.shape[0] <= PACKED_MAX_ROWS:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
+
+    def _fp32(self, x: torch.Tensor) -> torch.Tensor:
+        """fp32 rows by the weight in fp32 (a no-op conversion for an fp32 weight)."""
+        if skinny_linear_takes(x, self.weight):
+            return skinny_linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight.float(), None if self.bias is None else self.bias.float())

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from kvsqueeze.engine.attention_batch import AttentionBackend, AttentionBatch
-from kvsqueeze.engine.linear import Linear, can_prepack
+from kvsqueeze.engine.linear import Linear, can_prepack, widens_bf16
 from kvsqueeze.engine.rope import RotaryEmbedding
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.ops.fused_layer_ops import apply_rope, rms_norm, silu_mul
@@ -167,15 +167,15 @@ class LlamaModel:
         def maybe(name: str) -> torch.Tensor | None:
             return get(name) if name in weights else None
 
-        prepack = can_prepack(dtype, torch.device(device))
+        prepack, widen = can_prepack(dtype, torch.device(device)), widens_bf16(dtype, torch.device(device))
 
         def linear(names: list[str], biases: list[str]) -> Linear:
-            return Linear(fused(names), fused(biases), prepack)
+            return Linear(fused(names), fused(biases), prepack, widen)
 
         self.embed = get("model.embed_tokens.weight")
         self.norm = get("model.norm.weight")
         lm_head = self.embed if config.tie_word_embeddings else maybe("lm_head.weight")
-        self.lm_head = Linear(self.embed if lm_head is None else lm_head, None, prepack)  # None: ties unsaid
+        self.lm_head = Linear(self.embed if lm_head is None else lm_head, None, prepack, widen)  # None: ties unsaid
         self.layers = []
         for i in range(config.num_layers):
             p = f"model.layers.{i}."

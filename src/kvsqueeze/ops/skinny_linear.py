@@ -1,0 +1,45 @@
+"""x W^T + b for a few fp32 rows (csrc/skinny_linear.cpp): decode steps and short
+teacher-forced answers, whose products read every weight once for a few rows.
+
+On a 2-core Zen 3, MKL's sgemm reads SmolLM2's weights at 3-5 GB/s at 1 to 32 rows;
+the kernel streams them at the memory's pace, from fp32 or bf16 weights (widened in
+registers, so a bf16 model reads half the bytes)."""
+
+from __future__ import annotations
+
+import functools
+from types import ModuleType
+
+import torch
+
+from kvsqueeze.ops.cpu_extension import build_extension
+
+SKINNY_MAX_ROWS = 32  # up to this many rows the kernel beats sgemm (see benchmarks/skinny_linear.py)
+
+
+@functools.cache
+def _extension() -> ModuleType | None:
+    ext = build_extension("kvsqueeze_cpu_skinny", ["skinny_linear.cpp"], "kvsqueeze's skinny linear kernel")
+    return ext if ext is not None and ext.skinny_linear_available() else None
+
+
+def skinny_linear_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the kernel runs these rows by this weight: fp32 rows on the CPU, at most
+    SKINNY_MAX_ROWS of them, an fp32 or bf16 weight whose K is a multiple of 8, and a
+    build with AVX2."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and weight.dtype in (torch.float32, torch.bfloat16)
+        and x.shape[-1] % 8 == 0
+        and x.numel() <= SKINNY_MAX_ROWS * x.shape[-1]
+        and _extension() is not None
+    )
+
+
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] fp32 times weight [N, K] (fp32 or bf16), plus bias: [..., N] fp32."""
+    ext = _extension()
+    if ext is None:
+        raise RuntimeError("kvsqueeze's skinny linear kernel is not available")
+    return ext.skinny_linear(x.reshape(-1, x.shape[-1]), weight, bias).view(*x.shape[:-1], weight.shape[0])
