@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 import kvsqueeze.swiftkv  # noqa: F401  (registers the SwiftKV model type for from_pretrained)
 from kvsqueeze.errors import KVSqueezeError
 from kvsqueeze.hf.random_models import RANDOM_PREFIX, random_model, random_model_names
+from kvsqueeze.hf.skinny_linears import use_skinny_linears
 from kvsqueeze.hf.tiny import TINY_ARCHITECTURES, byte_tokenizer, tiny_model
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -101,12 +102,12 @@ def load_model(
     models come with the byte tokenizer: text goes in and out, and means nothing."""
     check_device(device)
     if name.startswith(RANDOM_PREFIX):
-        return random_model(name, dtype, device), byte_tokenizer()
+        return use_skinny_linears(random_model(name, dtype, device)), byte_tokenizer()
     if name.startswith(TINY_PREFIX):
         arch = name.removeprefix(TINY_PREFIX)
         if arch not in TINY_ARCHITECTURES:
             raise KVSqueezeError(f"unknown model {name!r}; known names: {', '.join(model_names())}")
-        return tiny_model(arch, dtype=dtype).to(device), byte_tokenizer()
+        return use_skinny_linears(tiny_model(arch, dtype=dtype).to(device)), byte_tokenizer()
     if name == DEFAULT_MODEL:
         path = smollm2_path()
     else:
@@ -115,7 +116,7 @@ def load_model(
             raise KVSqueezeError(
                 f"model {name!r} is neither a known name ({', '.join(model_names())}) nor an existing folder"
             )
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    model = use_skinny_linears(AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval())
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
