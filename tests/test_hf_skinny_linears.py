@@ -48,3 +48,13 @@ def test_a_tied_head_stays_tied():
     head.weight = embed.weight
     model = use_skinny_linears(nn.ModuleDict({"embed": embed, "head": head}))
     assert model["head"].weight is model["embed"].weight
+
+
+def test_bf16_rows_give_the_fp32_product_rounded_to_bf16():
+    layer = use_skinny_linears(nn.Linear(64, 24).bfloat16())
+    for rows in (3, SKINNY_MAX_ROWS + 3):
+        x = torch.randn(rows, 64).bfloat16()
+        out = layer(x)
+        expected = F.linear(x.float(), layer.weight.float(), layer.bias.float())
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out.float(), expected, rtol=1e-2, atol=1e-2)

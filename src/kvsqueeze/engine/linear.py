@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from kvsqueeze.ops.amx_linear import amx_linear, amx_linear_available, amx_packable, pack_amx_weight
-from kvsqueeze.ops.skinny_linear import skinny_linear, skinny_linear_takes
+from kvsqueeze.ops.skinny_linear import fp32_linear, native_bf16_products
 
 PACKED_MAX_ROWS = 128  # up to this many rows, oneDNN's packed copy beats F.linear
 AMX_MAX_ROWS = 256  # up to this many rows, the AMX kernel beats F.linear
@@ -43,11 +43,6 @@ def can_prepack(dtype: torch.dtype, device: torch.device) -> bool:
 def widens_bf16(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether bf16 products on `device` run faster in fp32 (a CPU without bf16 instructions)."""
     return device.type == "cpu" and dtype == torch.bfloat16 and not native_bf16_products()
-
-
-def native_bf16_products() -> bool:
-    """Whether this CPU multiplies bf16 with its own instructions (AMX or AVX512-BF16)."""
-    return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
 
 
 class Linear:
@@ -73,9 +68,9 @@ class Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.widened:
-            return self._fp32(x.float()).to(x.dtype)
+            return fp32_linear(x.float(), self.weight, self.bias).to(x.dtype)
         if x.dtype == torch.float32:
-            return self._fp32(x)
+            return fp32_linear(x, self.weight, self.bias)
         if self.packed is None or x.dim() != 2:
             return F.linear(x, self.weight, self.bias)
         if self.amx and x.shape[0] <= AMX_MAX_ROWS:
@@ -83,9 +78,3 @@ class Linear:
         if not self.amx and x.shape[0] <= PACKED_MAX_ROWS:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
-
-    def _fp32(self, x: torch.Tensor) -> torch.Tensor:
-        """fp32 rows by the weight in fp32 (a no-op conversion for an fp32 weight)."""
-        if skinny_linear_takes(x, self.weight):
-            return skinny_linear(x, self.weight, self.bias)
-        return F.linear(x, self.weight.float(), None if self.bias is None else self.bias.float())

@@ -7,7 +7,8 @@ spends 150-240 ms in its linear layers. ops/skinny_linear.py streams them at the
 memory's pace. Each layer becomes (in place: the same object, parameters and hooks,
 so tied embeddings stay tied and state dicts keep their keys) a subclass that takes the
 kernel only for what it accepts (fp32 rows, at most SKINNY_MAX_ROWS of them); prefills
-keep nn.Linear's product.
+keep nn.Linear's product. On a CPU without bf16 instructions, bf16 rows are multiplied
+in fp32 (as the engine's Linear does): oneDNN's emulated bf16 products are 4-9x slower.
 """
 
 from __future__ import annotations
@@ -15,13 +16,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kvsqueeze.ops.skinny_linear import skinny_linear, skinny_linear_takes
+from kvsqueeze.ops.skinny_linear import fp32_linear, native_bf16_products, skinny_linear, skinny_linear_takes
 
 
 class SkinnyLinear(nn.Linear):
     """nn.Linear whose few-row products take the skinny kernel."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.bfloat16 and x.device.type == "cpu" and not native_bf16_products():
+            return fp32_linear(x.float(), self.weight, self.bias).to(x.dtype)
         if skinny_linear_takes(x, self.weight):
             return skinny_linear(x, self.weight, self.bias)
         return super().forward(x)
