@@ -54,4 +54,5 @@ def test_blocked_kvzip_equals_the_plain_definition_for_every_block(pad):
     x = reconstructed(pad)
     got = {block: KVzipScorer(sinks=SINKS, query_block=block)(x) for block in (1, 5, 64, 512)}
     torch.testing.assert_close(got[64], plain_scores(x))
-    assert all(torch.equal(scores, got[64]) for scores in got.values())  # the block never changes a score
+    for scores in got.values():  # the block changes a score by fp32 rounding at most (a matmul's path
+        torch.testing.assert_close(scores, got[64], rtol=0, atol=1e-6)  # differs by shape on some CPUs)

@@ -52,7 +52,8 @@ class KVzipScorer:
     them, so they are kept first. Queries go through in blocks of `query_block` to bound the
     [queries x keys] logits; small blocks are also faster on CPU (a block's logits stay in
     cache through the masking, the softmax and the max, and fewer copy keys are computed
-    only to be hidden), and every block size gives the same scores.
+    only to be hidden), and every block size gives the same scores, to fp32 rounding (MKL
+    multiplies a one- or few-query block on another path on some CPUs, e.g. Zen 3).
 
     The model runs the reconstruction (kvsqueeze.hf.kvzip) and hands it over in
     `ScoreInput.reconstruction`; this scorer only does the arithmetic.
