@@ -51,3 +51,9 @@ def test_declines_what_it_does_not_take():
     assert not skinny_linear_takes(torch.randn(SKINNY_MAX_ROWS + 1, 16), w)  # too many rows
     assert not skinny_linear_takes(torch.randn(2, 16).bfloat16(), w)  # rows not fp32
     assert not skinny_linear_takes(torch.randn(2, 16), w.half())  # an fp16 weight
+
+
+@needs_kernel
+def test_a_bias_of_the_wrong_size_is_refused():
+    with pytest.raises(RuntimeError, match="bias"):
+        skinny_linear(torch.randn(2, 16), torch.randn(8, 16), torch.randn(1))

@@ -98,16 +98,22 @@ def smollm2_path() -> Path:
 def load_model(
     name: str, dtype: torch.dtype = torch.float32, device: str = "cpu"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a model by preset name or local path, in eval mode on `device`. Random-weight
+    """Load a model by preset name or local path, in eval mode on `device`, its linear
+    layers on the skinny kernel for few rows (hf/skinny_linears.py). Random-weight
     models come with the byte tokenizer: text goes in and out, and means nothing."""
     check_device(device)
+    model, tokenizer = _load(name, dtype, device)
+    return use_skinny_linears(model), tokenizer
+
+
+def _load(name: str, dtype: torch.dtype, device: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     if name.startswith(RANDOM_PREFIX):
-        return use_skinny_linears(random_model(name, dtype, device)), byte_tokenizer()
+        return random_model(name, dtype, device), byte_tokenizer()
     if name.startswith(TINY_PREFIX):
         arch = name.removeprefix(TINY_PREFIX)
         if arch not in TINY_ARCHITECTURES:
             raise KVSqueezeError(f"unknown model {name!r}; known names: {', '.join(model_names())}")
-        return use_skinny_linears(tiny_model(arch, dtype=dtype).to(device)), byte_tokenizer()
+        return tiny_model(arch, dtype=dtype).to(device), byte_tokenizer()
     if name == DEFAULT_MODEL:
         path = smollm2_path()
     else:
@@ -116,7 +122,7 @@ def load_model(
             raise KVSqueezeError(
                 f"model {name!r} is neither a known name ({', '.join(model_names())}) nor an existing folder"
             )
-    model = use_skinny_linears(AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval())
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:

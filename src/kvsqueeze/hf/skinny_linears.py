@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kvsqueeze.ops.skinny_linear import fp32_linear, native_bf16_products, skinny_linear, skinny_linear_takes
+from kvsqueeze.ops.skinny_linear import fp32_linear, native_bf16_products
 
 
 class SkinnyLinear(nn.Linear):
@@ -25,8 +25,8 @@ class SkinnyLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.bfloat16 and x.device.type == "cpu" and not native_bf16_products():
             return fp32_linear(x.float(), self.weight, self.bias).to(x.dtype)
-        if skinny_linear_takes(x, self.weight):
-            return skinny_linear(x, self.weight, self.bias)
+        if x.dtype == torch.float32:
+            return fp32_linear(x, self.weight, self.bias)
         return super().forward(x)
 
 

@@ -38,6 +38,7 @@ def skinny_linear_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
+@functools.cache  # asked on every bf16 product of a transformers model (hf/skinny_linears.py)
 def native_bf16_products() -> bool:
     """Whether this CPU multiplies bf16 with its own instructions (AMX or AVX512-BF16);
     elsewhere oneDNN emulates them, 4-9x slower than fp32 products (2-core Zen 3)."""

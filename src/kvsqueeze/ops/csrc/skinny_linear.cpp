@@ -14,8 +14,8 @@
 
 namespace {
 
-constexpr int W_ROWS = 4;  // weight rows per block: 4 x 2 accumulators + 4 weights + 1 x fit 16 ymm registers
-constexpr int X_ROWS = 2;
+constexpr int W_ROWS = 4;  // weight rows per block, by X_ROWS rows of x: 8 accumulators, 2 x
+constexpr int X_ROWS = 2;  // vectors and a weight vector in the 16 ymm registers
 constexpr int64_t AHEAD = 2 * W_ROWS;  // prefetch the weight rows two blocks ahead
 
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
@@ -88,6 +88,7 @@ torch::Tensor skinny_linear(torch::Tensor x, torch::Tensor weight, c10::optional
   TORCH_CHECK(weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kBFloat16,
               "skinny_linear: W must be fp32 or bf16");
   TORCH_CHECK(x.size(1) % 8 == 0, "skinny_linear: K must be a multiple of 8");
+  TORCH_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == weight.size(0)), "skinny_linear: bias [N]");
   x = x.contiguous();
   weight = weight.contiguous();
   const int64_t M = x.size(0), N = weight.size(0), K = x.size(1);
