@@ -3,11 +3,14 @@
 Runs shared/bench/anchor_vllm_cpu.py (vLLM, in its own venv: see its docstring) and
 `kvsqueeze bench-engine` one after the other with the same prompts, lengths and KV
 memory, then writes OUT/results.json, OUT/summary.md (ratios to vLLM) and
-OUT/throughput.png.
+OUT/throughput.png. With --decode-phase it measures the decode phase alone, as the
+engine issue measured vLLM's: each engine runs the prompts twice, for 1 output token and
+for output-len + 1, and the difference in seconds is what output-len decode steps of the
+whole batch cost; OUT/decode_phase.md gives those output tokens/s and their ratio to vLLM's.
 
 usage: python benchmarks/engine_vs_vllm.py --vllm-python /path/to/vllm-venv/bin/python \\
            [--num-prompts 32 --prompt-len 2048 --output-len 256 --kv-gib 1 --keep 0.125] \\
-           [--swiftkv-model DIR --swiftkv-policies ada-snapkv] --out DIR
+           [--swiftkv-model DIR --swiftkv-policies ada-snapkv] [--decode-phase] --out DIR
 """
 
 from __future__ import annotations
@@ -32,10 +35,10 @@ def run_vllm(python: str, model_dir: Path, text: Path, n: int, length: int, out_
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def run_ours(args: argparse.Namespace, model: str, policies: str) -> list[dict]:
+def run_ours(args: argparse.Namespace, model: str, policies: str, out_len: int | None = None) -> list[dict]:
     cmd = [str(Path(sys.executable).parent / "kvsqueeze"), "bench-engine", "--model", model,
            "--policies", policies, "--keep", str(args.keep), "--num-prompts", str(args.num_prompts),
-           "--prompt-len", str(args.prompt_len), "--output-len", str(args.output_len),
+           "--prompt-len", str(args.prompt_len), "--output-len", str(out_len or args.output_len),
            "--kv-memory", f"{args.kv_gib}GiB", "--dtype", "bf16", "--json"]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(done.stdout)
@@ -52,6 +55,7 @@ def main() -> None:
     parser.add_argument("--policies", default="full,snapkv,ada-snapkv")
     parser.add_argument("--swiftkv-model", help="also run this SwiftKV checkpoint folder (kvsqueeze distill's output)")
     parser.add_argument("--swiftkv-policies", default="ada-snapkv")
+    parser.add_argument("--decode-phase", action="store_true", help="measure the decode phase alone (see above)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
@@ -61,6 +65,9 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
         f.write(essays_file_text())
+    if args.decode_phase:
+        decode_phase(args, Path(f.name))
+        return
     vllm = run_vllm(args.vllm_python, model_folder("smollm2-135m"), Path(f.name), args.num_prompts,
                     args.prompt_len, args.output_len, args.kv_gib)  # fmt: skip
     ours = [r | {"engine": "kvsqueeze"} for r in run_ours(args, "smollm2-135m", args.policies)]
@@ -104,6 +111,43 @@ def main() -> None:
     fig.suptitle(f"SmolLM2-135M, 2-core CPU, {args.num_prompts} x {args.prompt_len} in, {args.output_len} out")
     fig.tight_layout()
     fig.savefig(args.out / "throughput.png", dpi=120)
+
+
+def decode_phase(args: argparse.Namespace, text: Path) -> None:
+    """Each engine at 1 and output-len + 1 output tokens: the extra seconds are the decode
+    phase's (OUT/decode_phase.json, OUT/decode_phase.md)."""
+    from kvsqueeze.hf.models import model_folder
+
+    n, m = args.num_prompts, args.output_len
+    runs = {}
+    for out_len in (1, m + 1):
+        vllm = run_vllm(args.vllm_python, model_folder("smollm2-135m"), text, n, args.prompt_len, out_len, args.kv_gib)
+        runs[("vLLM 0.32 CPU", "full", out_len)] = vllm["seconds"]
+        for r in run_ours(args, "smollm2-135m", args.policies, out_len):
+            runs[("kvsqueeze", r["policy"], out_len)] = r["seconds"]
+    rows = []
+    for engine, policy in dict.fromkeys((e, p) for e, p, _ in runs):
+        prefill, whole = runs[(engine, policy, 1)], runs[(engine, policy, m + 1)]
+        decode = whole - prefill
+        rows.append({"engine": engine, "policy": policy, "seconds_1_out": prefill, f"seconds_{m + 1}_out": whole,
+                     "decode_seconds": round(decode, 2), "decode_output_tok_s": round(n * m / decode, 1),
+                     "prefill_tok_s": round(n * args.prompt_len / prefill, 1)})  # fmt: skip
+    base = rows[0]["decode_output_tok_s"]
+    record = {"workload": vars(args) | {"out": str(args.out)}, "rows": rows}
+    (args.out / "decode_phase.json").write_text(json.dumps(record, indent=2))
+    lines = [
+        f"# Decode phase: {n} x {args.prompt_len} in, {m} tokens decoded ({m + 1} out minus 1 out), "
+        f"{args.kv_gib} GiB KV, bf16, one sitting",
+        "",
+        "| engine | policy | s, 1 out | s, all out | decode s | decode output tok/s | x vLLM | prefill tok/s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['engine']} | {r['policy']} | {r['seconds_1_out']} | {r[f'seconds_{m + 1}_out']} | "
+                     f"{r['decode_seconds']} | {r['decode_output_tok_s']} | {r['decode_output_tok_s'] / base:.2f} | "
+                     f"{r['prefill_tok_s']} |")  # fmt: skip
+    (args.out / "decode_phase.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

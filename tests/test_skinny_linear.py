@@ -15,7 +15,7 @@ needs_kernel = pytest.mark.skipif(_extension() is None, reason="the skinny kerne
 
 @needs_kernel
 @pytest.mark.parametrize("rows", [1, 2, 3, 7, SKINNY_MAX_ROWS])
-@pytest.mark.parametrize("out_features", [1, 13, 64])
+@pytest.mark.parametrize("out_features", [1, 13, 14, 27, 41, 64])  # every tail of 6-row blocks
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_products_equal_f_linear(rows, out_features, dtype):
     gen = torch.Generator().manual_seed(rows * out_features)

@@ -18,7 +18,8 @@ takes 455 ms in bf16, 70 in fp32; 32 rows 7.4 ms against 1.6). There a bf16 laye
 `widened`: its rows are multiplied in fp32, by the weight itself (ops/skinny_linear.py,
 widening in registers) up to SKINNY_MAX_ROWS rows, by an fp32 copy made per call past
 that. fp32 rows up to SKINNY_MAX_ROWS take the same kernel: sgemm reads the weights at
-3-5 GB/s there.
+3-5 GB/s there. (By default the engine computes in fp32 altogether on such a CPU, fp32
+weights: ModelRunner's compute dtype. Widened layers serve a runner kept in bf16.)
 """
 
 from __future__ import annotations
