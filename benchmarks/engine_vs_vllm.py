@@ -74,17 +74,14 @@ def main() -> None:
     if args.swiftkv_model:
         swift = run_ours(args, args.swiftkv_model, args.swiftkv_policies)
         ours += [r | {"engine": "kvsqueeze + SwiftKV"} for r in swift]
-    results = {"workload": vars(args) | {"out": str(args.out)}, "vllm": vllm, "kvsqueeze": ours}
-    (args.out / "results.json").write_text(json.dumps(results, indent=2))
-
-    lines = [
-        f"# kvsqueeze engine vs vLLM CPU ({args.num_prompts} x {args.prompt_len} in, {args.output_len} out, "
+    write_record(args, "results.json", {"vllm": vllm, "kvsqueeze": ours})
+    lines = table_head(
+        f"kvsqueeze engine vs vLLM CPU ({args.num_prompts} x {args.prompt_len} in, {args.output_len} out, "
         f"{args.kv_gib} GiB KV, bf16, one sitting)",
-        "",
-        "| engine | policy | seconds | total tok/s | output tok/s | x vLLM total | x vLLM output | max running |",
-        "|---|---|---|---|---|---|---|---|",
-        f"| vLLM 0.32 CPU | full | {vllm['seconds']} | {vllm['total_tok_s']} | {vllm['gen_tok_s']} | 1.00 | 1.00 | |",
-    ]
+        ["engine", "policy", "seconds", "total tok/s", "output tok/s", "x vLLM total", "x vLLM output", "max running"],
+    )
+    vllm_cells = f"{vllm['seconds']} | {vllm['total_tok_s']} | {vllm['gen_tok_s']}"
+    lines.append(f"| vLLM 0.32 CPU | full | {vllm_cells} | 1.00 | 1.00 | |")
     for r in ours:
         lines.append(
             f"| {r['engine']} | {r['policy']} | {r['seconds']} | {r['total_tokens_per_second']} | "
@@ -113,6 +110,16 @@ def main() -> None:
     fig.savefig(args.out / "throughput.png", dpi=120)
 
 
+def write_record(args: argparse.Namespace, name: str, record: dict) -> None:
+    """OUT/name: the workload's arguments and `record`, as JSON."""
+    (args.out / name).write_text(json.dumps({"workload": vars(args) | {"out": str(args.out)}} | record, indent=2))
+
+
+def table_head(title: str, columns: list[str]) -> list[str]:
+    """A markdown title and a table's header rows."""
+    return [f"# {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
 def decode_phase(args: argparse.Namespace, text: Path) -> None:
     """Each engine at 1 and output-len + 1 output tokens: the extra seconds are the decode
     phase's (OUT/decode_phase.json, OUT/decode_phase.md)."""
@@ -133,15 +140,12 @@ def decode_phase(args: argparse.Namespace, text: Path) -> None:
                      "decode_seconds": round(decode, 2), "decode_output_tok_s": round(n * m / decode, 1),
                      "prefill_tok_s": round(n * args.prompt_len / prefill, 1)})  # fmt: skip
     base = rows[0]["decode_output_tok_s"]
-    record = {"workload": vars(args) | {"out": str(args.out)}, "rows": rows}
-    (args.out / "decode_phase.json").write_text(json.dumps(record, indent=2))
-    lines = [
-        f"# Decode phase: {n} x {args.prompt_len} in, {m} tokens decoded ({m + 1} out minus 1 out), "
+    write_record(args, "decode_phase.json", {"rows": rows})
+    lines = table_head(
+        f"Decode phase: {n} x {args.prompt_len} in, {m} tokens decoded ({m + 1} out minus 1 out), "
         f"{args.kv_gib} GiB KV, bf16, one sitting",
-        "",
-        "| engine | policy | s, 1 out | s, all out | decode s | decode output tok/s | x vLLM | prefill tok/s |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+        ["engine", "policy", "s, 1 out", "s, all out", "decode s", "decode output tok/s", "x vLLM", "prefill tok/s"],
+    )
     for r in rows:
         lines.append(f"| {r['engine']} | {r['policy']} | {r['seconds_1_out']} | {r[f'seconds_{m + 1}_out']} | "
                      f"{r['decode_seconds']} | {r['decode_output_tok_s']} | {r['decode_output_tok_s'] / base:.2f} | "
