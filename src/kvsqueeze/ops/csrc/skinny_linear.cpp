@@ -42,10 +42,12 @@ inline void block(const float* x, const W* w, int64_t K, const char* pf, int64_t
   __m256 acc[NW][MR];
   for (int j = 0; j < NW; ++j)
     for (int m = 0; m < MR; ++m) acc[j][m] = _mm256_setzero_ps();
+  // After s of the K / 8 steps, floor(s * lines / steps) lines are issued; `credit` keeps
+  // s * lines - issued * steps so the loop needs no division.
   const int64_t steps = K / 8;
-  int64_t issued = 0;
-  for (int64_t k = 0, step = 1; k < K; k += 8, ++step) {
-    for (const int64_t due = step * lines / steps; issued < due; ++issued) _mm_prefetch(pf + 64 * issued, _MM_HINT_T0);
+  int64_t issued = 0, credit = 0;
+  for (int64_t k = 0; k < K; k += 8) {
+    for (credit += lines; credit >= steps; credit -= steps) _mm_prefetch(pf + 64 * issued++, _MM_HINT_T0);
     __m256 xv[MR];
     for (int m = 0; m < MR; ++m) xv[m] = _mm256_loadu_ps(x + m * K + k);
     for (int j = 0; j < NW; ++j) {
