@@ -24,6 +24,14 @@ import tempfile
 from pathlib import Path
 
 ANCHOR = Path(__file__).resolve().parents[2] / "shared" / "bench" / "anchor_vllm_cpu.py"
+VLLM = "vLLM 0.32 CPU"
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def run_vllm(python: str, model_dir: Path, text: Path, n: int, length: int, out_len: int, kv_gib: int) -> dict:
@@ -47,10 +55,10 @@ def run_ours(args: argparse.Namespace, model: str, policies: str, out_len: int |
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vllm-python", required=True)
-    parser.add_argument("--num-prompts", type=int, default=32)
-    parser.add_argument("--prompt-len", type=int, default=2048)
-    parser.add_argument("--output-len", type=int, default=256)
-    parser.add_argument("--kv-gib", type=int, default=1)
+    parser.add_argument("--num-prompts", type=positive_int, default=32)
+    parser.add_argument("--prompt-len", type=positive_int, default=2048)
+    parser.add_argument("--output-len", type=positive_int, default=256)
+    parser.add_argument("--kv-gib", type=positive_int, default=1)
     parser.add_argument("--keep", type=float, default=0.125)
     parser.add_argument("--policies", default="full,snapkv,ada-snapkv")
     parser.add_argument("--swiftkv-model", help="also run this SwiftKV checkpoint folder (kvsqueeze distill's output)")
@@ -66,7 +74,7 @@ def main() -> None:
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
         f.write(essays_file_text())
     if args.decode_phase:
-        decode_phase(args, Path(f.name))
+        decode_phase(args, model_folder("smollm2-135m"), Path(f.name))
         return
     vllm = run_vllm(args.vllm_python, model_folder("smollm2-135m"), Path(f.name), args.num_prompts,
                     args.prompt_len, args.output_len, args.kv_gib)  # fmt: skip
@@ -81,7 +89,7 @@ def main() -> None:
         ["engine", "policy", "seconds", "total tok/s", "output tok/s", "x vLLM total", "x vLLM output", "max running"],
     )
     vllm_cells = f"{vllm['seconds']} | {vllm['total_tok_s']} | {vllm['gen_tok_s']}"
-    lines.append(f"| vLLM 0.32 CPU | full | {vllm_cells} | 1.00 | 1.00 | |")
+    lines.append(f"| {VLLM} | full | {vllm_cells} | 1.00 | 1.00 | |")
     for r in ours:
         lines.append(
             f"| {r['engine']} | {r['policy']} | {r['seconds']} | {r['total_tokens_per_second']} | "
@@ -120,16 +128,14 @@ def table_head(title: str, columns: list[str]) -> list[str]:
     return [f"# {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
 
 
-def decode_phase(args: argparse.Namespace, text: Path) -> None:
+def decode_phase(args: argparse.Namespace, model_dir: Path, text: Path) -> None:
     """Each engine at 1 and output-len + 1 output tokens: the extra seconds are the decode
     phase's (OUT/decode_phase.json, OUT/decode_phase.md)."""
-    from kvsqueeze.hf.models import model_folder
-
     n, m = args.num_prompts, args.output_len
     runs = {}
     for out_len in (1, m + 1):
-        vllm = run_vllm(args.vllm_python, model_folder("smollm2-135m"), text, n, args.prompt_len, out_len, args.kv_gib)
-        runs[("vLLM 0.32 CPU", "full", out_len)] = vllm["seconds"]
+        vllm = run_vllm(args.vllm_python, model_dir, text, n, args.prompt_len, out_len, args.kv_gib)
+        runs[(VLLM, "full", out_len)] = vllm["seconds"]
         for r in run_ours(args, "smollm2-135m", args.policies, out_len):
             runs[("kvsqueeze", r["policy"], out_len)] = r["seconds"]
     rows = []
