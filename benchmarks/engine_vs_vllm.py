@@ -10,7 +10,7 @@ whole batch cost; OUT/decode_phase.md gives those output tokens/s and their rati
 
 usage: python benchmarks/engine_vs_vllm.py --vllm-python /path/to/vllm-venv/bin/python \\
            [--num-prompts 32 --prompt-len 2048 --output-len 256 --kv-gib 1 --keep 0.125] \\
-           [--swiftkv-model DIR --swiftkv-policies ada-snapkv] [--decode-phase] --out DIR
+           [--vllm-dtype float32] [--swiftkv-model DIR --swiftkv-policies ada-snapkv] [--decode-phase] --out DIR
 """
 
 from __future__ import annotations
@@ -34,10 +34,11 @@ def positive_int(text: str) -> int:
     return value
 
 
-def run_vllm(python: str, model_dir: Path, text: Path, n: int, length: int, out_len: int, kv_gib: int) -> dict:
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(kv_gib), "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+def run_vllm(args: argparse.Namespace, model_dir: Path, text: Path, out_len: int) -> dict:
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(args.kv_gib), "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     done = subprocess.run(
-        [python, str(ANCHOR), str(model_dir), str(text), str(n), str(length), str(out_len)],
+        [args.vllm_python, str(ANCHOR), str(model_dir), str(text), str(args.num_prompts), str(args.prompt_len),
+         str(out_len), args.vllm_dtype],
         env=env, capture_output=True, text=True, check=True,
     )  # fmt: skip
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -55,6 +56,11 @@ def run_ours(args: argparse.Namespace, model: str, policies: str, out_len: int |
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vllm-python", required=True)
+    parser.add_argument(
+        "--vllm-dtype", choices=("bfloat16", "float32"), default="bfloat16",
+        help="vLLM's dtype (ours stays bf16: fp32 products on a CPU without bf16 instructions, bf16 KV); "
+        "on such a CPU vLLM's bf16 is emulated and its float32 is the faster peer",
+    )  # fmt: skip
     parser.add_argument("--num-prompts", type=positive_int, default=32)
     parser.add_argument("--prompt-len", type=positive_int, default=2048)
     parser.add_argument("--output-len", type=positive_int, default=256)
@@ -76,8 +82,7 @@ def main() -> None:
     if args.decode_phase:
         decode_phase(args, model_folder("smollm2-135m"), Path(f.name))
         return
-    vllm = run_vllm(args.vllm_python, model_folder("smollm2-135m"), Path(f.name), args.num_prompts,
-                    args.prompt_len, args.output_len, args.kv_gib)  # fmt: skip
+    vllm = run_vllm(args, model_folder("smollm2-135m"), Path(f.name), args.output_len)
     ours = [r | {"engine": "kvsqueeze"} for r in run_ours(args, "smollm2-135m", args.policies)]
     if args.swiftkv_model:
         swift = run_ours(args, args.swiftkv_model, args.swiftkv_policies)
@@ -85,11 +90,11 @@ def main() -> None:
     write_record(args, "results.json", {"vllm": vllm, "kvsqueeze": ours})
     lines = table_head(
         f"kvsqueeze engine vs vLLM CPU ({args.num_prompts} x {args.prompt_len} in, {args.output_len} out, "
-        f"{args.kv_gib} GiB KV, bf16, one sitting)",
+        f"{args.kv_gib} GiB KV, ours bf16, vLLM {args.vllm_dtype}, one sitting)",
         ["engine", "policy", "seconds", "total tok/s", "output tok/s", "x vLLM total", "x vLLM output", "max running"],
     )
     vllm_cells = f"{vllm['seconds']} | {vllm['total_tok_s']} | {vllm['gen_tok_s']}"
-    lines.append(f"| {VLLM} | full | {vllm_cells} | 1.00 | 1.00 | |")
+    lines.append(f"| {VLLM} {args.vllm_dtype} | full | {vllm_cells} | 1.00 | 1.00 | |")
     for r in ours:
         lines.append(
             f"| {r['engine']} | {r['policy']} | {r['seconds']} | {r['total_tokens_per_second']} | "
@@ -104,7 +109,9 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = ["vLLM full"] + [f"{'swiftkv ' if 'SwiftKV' in r['engine'] else 'ours '}{r['policy']}" for r in ours]
+    names = [f"vLLM {args.vllm_dtype}"] + [
+        f"{'swiftkv ' if 'SwiftKV' in r['engine'] else 'ours '}{r['policy']}" for r in ours
+    ]
     total = [vllm["total_tok_s"]] + [r["total_tokens_per_second"] for r in ours]
     output = [vllm["gen_tok_s"]] + [r["output_tokens_per_second"] for r in ours]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -134,8 +141,8 @@ def decode_phase(args: argparse.Namespace, model_dir: Path, text: Path) -> None:
     n, m = args.num_prompts, args.output_len
     runs = {}
     for out_len in (1, m + 1):
-        vllm = run_vllm(args.vllm_python, model_dir, text, n, args.prompt_len, out_len, args.kv_gib)
-        runs[(VLLM, "full", out_len)] = vllm["seconds"]
+        vllm = run_vllm(args, model_dir, text, out_len)
+        runs[(f"{VLLM} {args.vllm_dtype}", "full", out_len)] = vllm["seconds"]
         for r in run_ours(args, "smollm2-135m", args.policies, out_len):
             runs[("kvsqueeze", r["policy"], out_len)] = r["seconds"]
     rows = []
@@ -149,7 +156,7 @@ def decode_phase(args: argparse.Namespace, model_dir: Path, text: Path) -> None:
     write_record(args, "decode_phase.json", {"rows": rows})
     lines = table_head(
         f"Decode phase: {n} x {args.prompt_len} in, {m} tokens decoded ({m + 1} out minus 1 out), "
-        f"{args.kv_gib} GiB KV, bf16, one sitting",
+        f"{args.kv_gib} GiB KV, ours bf16, vLLM {args.vllm_dtype}, one sitting",
         ["engine", "policy", "s, 1 out", "s, all out", "decode s", "decode output tok/s", "x vLLM", "prefill tok/s"],
     )
     for r in rows:
