@@ -15,9 +15,9 @@ torch::Tensor append_decode(torch::Tensor pool_keys, torch::Tensor pool_values, 
                             std::vector<torch::Tensor> host_lengths, std::vector<torch::Tensor> lengths,
                             torch::Tensor keys, torch::Tensor values, torch::Tensor positions, torch::Tensor spare);
 
-torch::Tensor rms_norm_bf16(torch::Tensor x, torch::Tensor weight, double eps);
-torch::Tensor silu_mul_bf16(torch::Tensor gate_up);
-torch::Tensor rope_bf16(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);
+torch::Tensor silu_mul(torch::Tensor gate_up);
+torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
 
 bool amx_linear_available();
 torch::Tensor amx_linear(torch::Tensor x, torch::Tensor packed, c10::optional<torch::Tensor> bias);
