@@ -18,6 +18,7 @@ import json
 import statistics
 import time
 
+from kvsqueeze.bench.arguments import positive_int
 from kvsqueeze.bench.bandwidth import measure_bandwidth
 from kvsqueeze.bench.engine import essay_prompts
 from kvsqueeze.engine.llm_engine import EngineArgs, LLMEngine
@@ -62,13 +63,13 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--policies", default="full,snapkv,ada-snapkv")
     parser.add_argument("--keep", type=float, default=0.125)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--prompt-len", type=int, default=2048)
-    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--batch", type=positive_int, default=16)
+    parser.add_argument("--prompt-len", type=positive_int, default=2048)
+    parser.add_argument("--steps", type=positive_int, default=32)
     parser.add_argument("--kv-memory", default="2GiB")
     parser.add_argument("--dtype", default="bf16")
     parser.add_argument("--kv-bits", type=int, default=16, help="16, or 8 / 4 / 2 for KIVI-quantized pages")
-    parser.add_argument("--kv-group", type=int, default=32)
+    parser.add_argument("--kv-group", type=positive_int, default=32)
     args = parser.parse_args()
     bandwidth = measure_bandwidth("cpu")
     print(f"bandwidth {bandwidth / 1e9:.1f} GB/s")

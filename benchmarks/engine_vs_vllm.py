@@ -23,15 +23,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from kvsqueeze.bench.arguments import positive_int
+
 ANCHOR = Path(__file__).resolve().parents[2] / "shared" / "bench" / "anchor_vllm_cpu.py"
 VLLM = "vLLM 0.32 CPU"
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
 
 
 def run_vllm(args: argparse.Namespace, model_dir: Path, text: Path, out_len: int) -> dict:

@@ -3,6 +3,7 @@ rows draw from their own generator, whatever else is in the batch."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from kvsqueeze.engine.sampler import sample
@@ -29,3 +30,15 @@ def test_a_seeded_row_draws_the_same_token_beside_greedy_rows():
     mixed = sample(logits, [greedy, greedy, seeded, greedy], [None, None, torch.Generator().manual_seed(3), None])
     assert mixed[2] == alone
     assert mixed[:2] + mixed[3:] == [int(logits[i].argmax()) for i in (0, 1, 3)]
+
+
+def test_a_vanishing_temperature_is_greedy_and_a_non_finite_one_is_refused():
+    # Found by the API fuzz test: 4.6e-290 overflowed the logits to inf and the draw failed.
+    logits = torch.randn(2, 300, generator=torch.Generator().manual_seed(2))
+    tiny = SamplingParams(temperature=4.55e-290)
+    assert tiny.greedy
+    assert sample(logits, [tiny] * 2, [None] * 2) == logits.argmax(dim=-1).tolist()
+    assert not SamplingParams(temperature=1e-3).greedy
+    for bad in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
+            SamplingParams(temperature=bad)

@@ -8,13 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kvsqueeze.ops.skinny_linear import SKINNY_MAX_ROWS, _extension, skinny_linear, skinny_linear_takes
+from kvsqueeze.ops.skinny_linear import OUTER_MIN_ROWS, SKINNY_MAX_ROWS, _extension, skinny_linear, skinny_linear_takes
 
 needs_kernel = pytest.mark.skipif(_extension() is None, reason="the skinny kernel needs AVX2/FMA and a compiler")
 
 
 @needs_kernel
-@pytest.mark.parametrize("rows", [1, 2, 3, 7, SKINNY_MAX_ROWS])
+@pytest.mark.parametrize("rows", [1, 2, 3, 7, 8, 9, 16, 23, SKINNY_MAX_ROWS])
 @pytest.mark.parametrize("out_features", [1, 13, 14, 27, 41, 64])  # every tail of 6-row blocks
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_products_equal_f_linear(rows, out_features, dtype):
@@ -28,13 +28,21 @@ def test_products_equal_f_linear(rows, out_features, dtype):
 
 
 @needs_kernel
-def test_a_row_gets_the_same_bits_alone_or_among_others():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_row_gets_the_same_bits_alone_or_among_others(dtype):
     gen = torch.Generator().manual_seed(0)
-    w = torch.randn(37, 96, generator=gen)
-    x = torch.randn(9, 96, generator=gen)
-    together = skinny_linear(x, w)
-    for i in range(9):
-        assert torch.equal(skinny_linear(x[i : i + 1], w)[0], together[i])
+    w = torch.randn(37, 96, generator=gen).to(dtype)
+    x = torch.randn(SKINNY_MAX_ROWS, 96, generator=gen)
+    # Each of the kernel's two forms (below and from OUTER_MIN_ROWS rows) gives a row
+    # the same bits whatever rows share its call; across forms they round differently.
+    few = skinny_linear(x[: OUTER_MIN_ROWS - 1], w)
+    for i in range(OUTER_MIN_ROWS - 1):
+        assert torch.equal(skinny_linear(x[i : i + 1], w)[0], few[i])
+    many = skinny_linear(x, w)
+    for rows in (8, 9, 16, 17, 40):  # one 8-row vector, across vectors and 16-row panels
+        assert torch.equal(skinny_linear(x[:rows], w), many[:rows])
+        assert torch.equal(skinny_linear(x[rows - 8 : rows], w), many[rows - 8 : rows])
+    torch.testing.assert_close(few, many[: OUTER_MIN_ROWS - 1], rtol=1e-5, atol=1e-5)
 
 
 @needs_kernel

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+# Below this temperature sampling is greedy (vLLM's rule): dividing logits by a tinier
+# one overflows to inf and the draw has no distribution left.
+GREEDY_BELOW = 1e-5
 
 
 @dataclass
 class SamplingParams:
-    """temperature 0 is greedy. top_k 0 or -1 and top_p 1.0 switch those filters off.
+    """temperature 0 (or below GREEDY_BELOW) is greedy. top_k 0 or -1 and top_p 1.0 switch those filters off.
     `seed` makes a request's sampling reproducible whatever else runs beside it.
     Generation stops at max_tokens, at an EOS token (unless ignore_eos), at any of
     `stop_token_ids`, or when the text ends with any of `stop` (the stop string is
@@ -25,8 +30,8 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < -1:
@@ -40,4 +45,4 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW

@@ -2,9 +2,9 @@
 teacher-forced answers, whose products read every weight once for a few rows.
 
 On a 2-core Zen 3, MKL's sgemm reads SmolLM2's weights at 3-5 GB/s at 1 to 64 rows;
-the kernel streams them at the memory's pace (8-16 GB/s up to 32 rows; SmolLM2's
-products for 16 rows take 39 ms against sgemm's 99), from fp32 or bf16 weights
-(widened in registers, so a bf16 model reads half the bytes)."""
+the kernel streams them at the memory's pace up to 8 rows and runs at the FMA peak
+from 16 (SmolLM2's products for 16 rows take 27 ms against sgemm's 99), from fp32 or
+bf16 weights (widened in registers, so a bf16 model reads half the bytes)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from kvsqueeze.ops.cpu_extension import build_extension
 
 SKINNY_MAX_ROWS = 64  # the kernel beats sgemm up to here, not at 128 (benchmarks/skinny_linear.py)
+OUTER_MIN_ROWS = 8  # csrc/skinny_linear.cpp's: from here its outer-product form (other rounding)
 
 
 @functools.cache

@@ -25,7 +25,7 @@ namespace {
 // Per-thread scratch, grown as needed and kept across rows: a step of many short rows
 // (Ada-KV's heads) paid several allocations per row for its few small arrays.
 inline float* scratch(int slot, size_t n) {
-  thread_local std::vector<float> buffers[6];
+  thread_local std::vector<float> buffers[8];
   if (buffers[slot].size() < n) buffers[slot].resize(n);
   return buffers[slot].data();
 }
@@ -226,8 +226,12 @@ void attend_row_bf16(const float* q, float* out, const uint16_t* keys, const uin
                      int64_t block_size, int64_t q_pos, int64_t window, bool masked) {
   constexpr int C = D / 16;  // 256-bit chunks of 16 bf16 per row
   const float neg_inf = -1e30f;
-  // Vectors kept in float arrays (8 floats each): std::vector<__m256> drops __m256's attributes.
-  std::vector<float> qe(group * C * 8), qo(group * C * 8), acc(group * 2 * C * 8, 0.f);
+  // Vectors kept in float arrays (8 floats each), in the thread's scratch: a step of
+  // Ada-KV's many short rows paid for eight allocations a row.
+  float* qe = scratch(0, group * C * 8);
+  float* qo = scratch(1, group * C * 8);
+  float* acc = scratch(2, group * 2 * C * 8);
+  std::fill(acc, acc + group * 2 * C * 8, 0.f);
   for (int64_t g = 0; g < group; ++g) {
     for (int c = 0; c < C; ++c) {
       for (int l = 0; l < 8; ++l) {
@@ -236,12 +240,15 @@ void attend_row_bf16(const float* q, float* out, const uint16_t* keys, const uin
       }
     }
   }
-  std::vector<float> p(group * length);
-  std::vector<float> partial(group * block_size * 8);
+  float* p = scratch(3, group * length);
+  float* partial = scratch(4, group * block_size * 8);
+  const int64_t blocks = (length + block_size - 1) / block_size;
   for (int64_t b = 0, t0 = 0; t0 < length; ++b, t0 += block_size) {
     const int64_t base = static_cast<int64_t>(table[b]) * block_size;
     const int64_t n = std::min(block_size, length - t0);
-    if (t0 + block_size < length) prefetch_block(keys + static_cast<int64_t>(table[b + 1]) * block_size * D, block_size * D);
+    // Two blocks ahead, as in the AVX-512 path; past the last keys, the values' first blocks.
+    if (b + 2 < blocks) prefetch_block(keys + static_cast<int64_t>(table[b + 2]) * block_size * D, block_size * D);
+    else if (b + 2 - blocks < blocks) prefetch_block(values + static_cast<int64_t>(table[b + 2 - blocks]) * block_size * D, block_size * D);
     for (int64_t j = 0; j < n; ++j) {
       // The key is converted once, then dotted with every query of the group.
       const __m256i* row = reinterpret_cast<const __m256i*>(keys + (base + j) * D);
@@ -262,7 +269,7 @@ void attend_row_bf16(const float* q, float* out, const uint16_t* keys, const uin
     }
     for (int64_t g = 0; g < group; ++g) {
       const float* part = &partial[g * block_size * 8];
-      float* pg = p.data() + g * length + t0;
+      float* pg = p + g * length + t0;
       int64_t j = 0;
       for (; j + 8 <= n; j += 8) _mm256_storeu_ps(pg + j, sum_lanes8(part + j * 8));
       for (; j < n; ++j) pg[j] = sum_lanes(_mm256_loadu_ps(part + j * 8));
@@ -276,19 +283,19 @@ void attend_row_bf16(const float* q, float* out, const uint16_t* keys, const uin
       }
     }
   }
-  std::vector<float> inv(group);
-  for (int64_t g = 0; g < group; ++g) inv[g] = softmax_in_place(p.data() + g * length, length, neg_inf);
+  float* inv = scratch(5, group);
+  for (int64_t g = 0; g < group; ++g) inv[g] = softmax_in_place(p + g * length, length, neg_inf);
   for (int64_t b = 0, t0 = 0; t0 < length; ++b, t0 += block_size) {
     const int64_t base = static_cast<int64_t>(table[b]) * block_size;
     const int64_t n = std::min(block_size, length - t0);
-    if (t0 + block_size < length) prefetch_block(values + static_cast<int64_t>(table[b + 1]) * block_size * D, block_size * D);
+    if (b + 2 < blocks) prefetch_block(values + static_cast<int64_t>(table[b + 2]) * block_size * D, block_size * D);
     for (int64_t g = 0; g < group; ++g) {
       __m256 ae[C], ao[C];
       for (int c = 0; c < C; ++c) {
         ae[c] = _mm256_loadu_ps(&acc[((g * 2) * C + c) * 8]);
         ao[c] = _mm256_loadu_ps(&acc[((g * 2 + 1) * C + c) * 8]);
       }
-      const float* pg = p.data() + g * length + t0;
+      const float* pg = p + g * length + t0;
       for (int64_t j = 0; j < n; ++j) {
         const __m256 w = _mm256_set1_ps(pg[j]);
         const __m256i* row = reinterpret_cast<const __m256i*>(values + (base + j) * D);
@@ -348,15 +355,16 @@ void attend_row(const Q* query, Q* out, const KV* keys, const KV* values, const 
   }
 #elif defined(__AVX2__) && defined(__FMA__)
   if constexpr (std::is_same_v<KV, at::BFloat16> && D > 0 && D % 16 == 0) {
-    std::vector<float> qf(group * D), of(group * D);
+    float* qf = scratch(6, group * D);
+    float* of = scratch(7, group * D);
     for (int64_t g = 0; g < group; ++g) {
-      load_row(query + g * D, qf.data() + g * D, D);
+      load_row(query + g * D, qf + g * D, D);
       for (int i = 0; i < D; ++i) qf[g * D + i] *= scale;
     }
-    attend_row_bf16<D>(qf.data(), of.data(), reinterpret_cast<const uint16_t*>(keys),
+    attend_row_bf16<D>(qf, of, reinterpret_cast<const uint16_t*>(keys),
                        reinterpret_cast<const uint16_t*>(values), positions, table, length, group, block_size, q_pos,
                        window, masked);
-    for (int64_t g = 0; g < group; ++g) store_row(of.data() + g * D, out + g * D, D);
+    for (int64_t g = 0; g < group; ++g) store_row(of + g * D, out + g * D, D);
     return;
   }
 #endif

@@ -1,26 +1,114 @@
 // y = x W^T (+ b) for a few fp32 rows x [M, K] and a weight W [N, K] in fp32 or bf16:
 // the products of a decode step or a short teacher-forced answer, which read every
-// weight once and so are bound by how fast the weights stream in. MKL's sgemm reads
-// them at 3-5 GB/s on such shapes (2-core Zen 3); this streams them at the memory's
-// pace. Dot products along K, in W's own layout (nothing packed), 6 weight rows by 2 x
-// rows at a time in AVX2 registers; bf16 weights widen in registers (half the bytes).
-// From a few rows up a block's products take as long as reading the next blocks, so
-// the prefetch of the block two ahead is spread over all of a block's passes over x:
-// reads and products overlap (16 rows: 50.7 -> 40.0 ms for SmolLM2's weights). From 16
-// rows the products are compute-bound: about 60% of two Zen 3 cores' FMA peak.
+// weight once. MKL's sgemm reads them at 3-5 GB/s on such shapes (2-core Zen 3). W
+// stays in its own layout (nothing packed; bf16 widened in registers, half the bytes),
+// and the weight rows two blocks ahead are prefetched while a block is multiplied.
+// Two forms, each giving a row the same bits whatever rows share its call:
+// - from OUTER_MIN_ROWS rows, y^T = W x^T: x^T [K, MP] is packed once per call (MP = M
+//   rounded up to 8, zero past M); each weight, broadcast, multiplies 8 rows of x^T: 6
+//   weight rows by 16 rows of x in 12 accumulators, each y[m, n] one chain of FMAs over
+//   k. There the products are compute-bound; SmolLM2's weights in fp32 at 16 rows: 27
+//   ms, at the two cores' FMA peak (the dot form: 31); 32 rows 52 ms (56).
+// - below, dot products along K (lanes along k, summed at the end), 6 weight rows by 2
+//   x rows: at 1-7 rows bound by the memory (fp32 20-24 ms; bf16 12), where a broadcast
+//   weight per lane-row would waste lanes (1 row: 10% slower in fp32, 2x in bf16).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 
 namespace {
 
-constexpr int W_ROWS = 6;  // weight rows per block, by X_ROWS rows of x: 12 accumulators, 2 x
-constexpr int X_ROWS = 2;  // vectors and a weight vector in the 16 ymm registers
-constexpr int64_t AHEAD = 2 * W_ROWS;  // prefetch the weight rows two blocks ahead
+constexpr int W_ROWS = 6;  // weight rows per block, by PANEL rows of x: 12 accumulators
+constexpr int PANEL = 16;  // rows of x^T per pass: two ymm vectors
+constexpr int64_t OUTER_MIN_ROWS = 8;  // below, the dot-product form (see skinny)
+
+// One weight, broadcast to 8 lanes as fp32 (bf16 is fp32's upper half: shift it there).
+inline __m256 broadcast(const float* w) { return _mm256_broadcast_ss(w); }
+
+inline __m256 broadcast(const at::BFloat16* w) {
+  const __m256i both = _mm256_set1_epi16(static_cast<short>(w->x));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(both, 16));
+}
+
+// NW (<= W_ROWS) weight rows by NV * 8 rows of x^T from xt (row stride MP); the products
+// land in tile[j * PANEL + r]; prefetches the `lines` cache lines at pf, evenly over K.
+template <int NW, int NV, typename W>
+inline void block(const float* xt, int64_t MP, const W* w, int64_t K, const char* pf, int64_t lines, float* tile) {
+  __m256 acc[NW][NV];
+  for (int j = 0; j < NW; ++j)
+    for (int v = 0; v < NV; ++v) acc[j][v] = _mm256_setzero_ps();
+  // One line every `stride` steps, the rest after the loop: a fixed pattern the branch
+  // predictor learns (an uneven spread cost 5-10% at 16-32 rows).
+  const int64_t stride = lines > 0 ? (K + lines - 1) / lines : K + 1;
+  int64_t issued = 0, countdown = stride;
+  for (int64_t k = 0; k < K; ++k) {
+    if (--countdown == 0) {
+      countdown = stride;
+      _mm_prefetch(pf + 64 * issued++, _MM_HINT_T0);
+    }
+    __m256 xv[NV];
+    for (int v = 0; v < NV; ++v) xv[v] = _mm256_loadu_ps(xt + k * MP + 8 * v);
+    for (int j = 0; j < NW; ++j) {
+      const __m256 wv = broadcast(w + j * K + k);
+      for (int v = 0; v < NV; ++v) acc[j][v] = _mm256_fmadd_ps(wv, xv[v], acc[j][v]);
+    }
+  }
+  for (; issued < lines; ++issued) _mm_prefetch(pf + 64 * issued, _MM_HINT_T0);
+  for (int j = 0; j < NW; ++j)
+    for (int v = 0; v < NV; ++v) _mm256_storeu_ps(tile + j * PANEL + 8 * v, acc[j][v]);
+}
+
+// The NW weight rows at w by every panel of x^T, written to y (row stride N); the panels
+// share the prefetch of the NW rows at `next` (none where null).
+template <int NW, typename W>
+inline void rows(const float* xt, int64_t M, int64_t MP, const W* w, int64_t K, const W* next, float* y, int64_t N) {
+  alignas(32) float tile[W_ROWS * PANEL];
+  const int64_t panels = (MP + PANEL - 1) / PANEL;
+  const int64_t lines = next == nullptr ? 0 : (NW * K * int64_t(sizeof(W)) + 63) / 64;
+  const char* pf = reinterpret_cast<const char*>(next);
+  for (int64_t p = 0; p < panels; ++p) {
+    const int64_t m0 = p * PANEL, first = p * lines / panels, last = (p + 1) * lines / panels;
+    if (MP - m0 >= PANEL) {
+      block<NW, 2>(xt + m0, MP, w, K, pf + 64 * first, last - first, tile);
+    } else {
+      block<NW, 1>(xt + m0, MP, w, K, pf + 64 * first, last - first, tile);
+    }
+    for (int64_t m = m0; m < std::min(M, m0 + PANEL); ++m)
+      for (int j = 0; j < NW; ++j) y[m * N + j] = tile[j * PANEL + (m - m0)];
+  }
+}
+
+// The weight rows n.. (NW of them, or fewer at W's end) by every row of x.
+template <int NW, typename W>
+inline void weight_block(const float* xt, int64_t M, int64_t MP, const W* w, int64_t N, int64_t K, int64_t n, float* y) {
+  if constexpr (NW > 1) {
+    if (N - n < NW) return weight_block<NW - 1>(xt, M, MP, w, N, K, n, y);
+  }
+  const W* at = w + n * K;
+  const W* next = n + 3 * NW <= N ? at + 2 * NW * K : nullptr;  // two blocks ahead
+  rows<NW>(xt, M, MP, at, K, next, y + n, N);
+}
+
+template <typename W>
+void outer(const float* x, const W* w, float* y, int64_t M, int64_t N, int64_t K) {
+  const int64_t MP = (M + 7) / 8 * 8;
+  std::vector<float> xt(K * MP, 0.0f);  // x^T, zero past row M
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t m = 0; m < M; ++m) xt[k * MP + m] = x[m * K + k];
+  at::parallel_for(0, (N + W_ROWS - 1) / W_ROWS, 16, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) weight_block<W_ROWS>(xt.data(), M, MP, w, N, K, b * W_ROWS, y);
+  });
+}
+
+// ---- the dot-product form, below OUTER_MIN_ROWS rows: lanes along K, 6 weight rows by 2
+// x rows in 12 accumulators, each summed across lanes at the end.
+constexpr int X_ROWS = 2;
 
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 
@@ -39,7 +127,7 @@ inline float hsum(__m256 v) {
 // NW (<= W_ROWS) weight rows times MR (<= X_ROWS) x rows, written to y[m * ldy + j];
 // prefetches the `lines` cache lines at pf, evenly over the pass.
 template <int NW, int MR, typename W>
-inline void block(const float* x, const W* w, int64_t K, const char* pf, int64_t lines, float* y, int64_t ldy) {
+inline void dot_block(const float* x, const W* w, int64_t K, const char* pf, int64_t lines, float* y, int64_t ldy) {
   __m256 acc[NW][MR];
   for (int j = 0; j < NW; ++j)
     for (int m = 0; m < MR; ++m) acc[j][m] = _mm256_setzero_ps();
@@ -71,38 +159,47 @@ inline void block(const float* x, const W* w, int64_t K, const char* pf, int64_t
 // Every x row by the NW weight rows at w, X_ROWS rows a pass; the passes share the
 // prefetch of the NW rows at `next` (none where null).
 template <int NW, typename W>
-inline void rows(const float* x, const W* w, int64_t M, int64_t K, const W* next, float* y, int64_t ldy) {
+inline void dot_rows(const float* x, const W* w, int64_t M, int64_t K, const W* next, float* y, int64_t ldy) {
   const int64_t passes = (M + X_ROWS - 1) / X_ROWS;
   const int64_t lines = next == nullptr ? 0 : (NW * K * int64_t(sizeof(W)) + 63) / 64;
   const char* pf = reinterpret_cast<const char*>(next);
   for (int64_t p = 0; p < passes; ++p) {
     const int64_t m = p * X_ROWS, first = p * lines / passes, last = (p + 1) * lines / passes;
     if (M - m >= X_ROWS) {
-      block<NW, X_ROWS>(x + m * K, w, K, pf + 64 * first, last - first, y + m * ldy, ldy);
+      dot_block<NW, X_ROWS>(x + m * K, w, K, pf + 64 * first, last - first, y + m * ldy, ldy);
     } else {
-      block<NW, 1>(x + m * K, w, K, pf + 64 * first, last - first, y + m * ldy, ldy);
+      dot_block<NW, 1>(x + m * K, w, K, pf + 64 * first, last - first, y + m * ldy, ldy);
     }
   }
 }
 
 template <typename W>
-void skinny(const float* x, const W* w, float* y, int64_t M, int64_t N, int64_t K) {
+void dot(const float* x, const W* w, float* y, int64_t M, int64_t N, int64_t K) {
   const int64_t blocks = (N + W_ROWS - 1) / W_ROWS;
   at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n = b * W_ROWS;
       const W* at = w + n * K;
-      const W* next = n + AHEAD + W_ROWS <= N ? at + AHEAD * K : nullptr;
+      const W* next = n + 3 * W_ROWS <= N ? at + 2 * W_ROWS * K : nullptr;  // two blocks ahead
       switch (std::min<int64_t>(W_ROWS, N - n)) {
-        case 6: rows<6>(x, at, M, K, next, y + n, N); break;
-        case 5: rows<5>(x, at, M, K, next, y + n, N); break;
-        case 4: rows<4>(x, at, M, K, next, y + n, N); break;
-        case 3: rows<3>(x, at, M, K, next, y + n, N); break;
-        case 2: rows<2>(x, at, M, K, next, y + n, N); break;
-        default: rows<1>(x, at, M, K, next, y + n, N); break;
+        case 6: dot_rows<6>(x, at, M, K, next, y + n, N); break;
+        case 5: dot_rows<5>(x, at, M, K, next, y + n, N); break;
+        case 4: dot_rows<4>(x, at, M, K, next, y + n, N); break;
+        case 3: dot_rows<3>(x, at, M, K, next, y + n, N); break;
+        case 2: dot_rows<2>(x, at, M, K, next, y + n, N); break;
+        default: dot_rows<1>(x, at, M, K, next, y + n, N); break;
       }
     }
   });
+}
+
+template <typename W>
+void skinny(const float* x, const W* w, float* y, int64_t M, int64_t N, int64_t K) {
+  if (M >= OUTER_MIN_ROWS) {
+    outer(x, w, y, M, N, K);
+  } else {
+    dot(x, w, y, M, N, K);
+  }
 }
 
 }  // namespace
