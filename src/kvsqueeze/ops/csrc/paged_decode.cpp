@@ -246,10 +246,13 @@ void attend_row_bf16(const float* q, float* out, const uint16_t* keys, const uin
   for (int64_t b = 0, t0 = 0; t0 < length; ++b, t0 += block_size) {
     const int64_t base = static_cast<int64_t>(table[b]) * block_size;
     const int64_t n = std::min(block_size, length - t0);
-    // Two blocks ahead, as in the AVX-512 path; past the last keys, the values' first blocks.
-    if (b + 2 < blocks) prefetch_block(keys + static_cast<int64_t>(table[b + 2]) * block_size * D, block_size * D);
-    else if (b + 2 - blocks < blocks) prefetch_block(values + static_cast<int64_t>(table[b + 2 - blocks]) * block_size * D, block_size * D);
+    // The block two ahead (past the last keys, the values' first blocks), a key's worth
+    // of lines with each key: a burst of a whole block's prefetches stalls the loads.
+    const uint16_t* ahead = b + 2 < blocks ? keys + static_cast<int64_t>(table[b + 2]) * block_size * D
+                            : b + 2 - blocks < blocks ? values + static_cast<int64_t>(table[b + 2 - blocks]) * block_size * D
+                                                      : nullptr;
     for (int64_t j = 0; j < n; ++j) {
+      if (ahead != nullptr) prefetch_block(ahead + j * D, D);
       // The key is converted once, then dotted with every query of the group.
       const __m256i* row = reinterpret_cast<const __m256i*>(keys + (base + j) * D);
       __m256 ke[C], ko[C];
@@ -288,7 +291,7 @@ void attend_row_bf16(const float* q, float* out, const uint16_t* keys, const uin
   for (int64_t b = 0, t0 = 0; t0 < length; ++b, t0 += block_size) {
     const int64_t base = static_cast<int64_t>(table[b]) * block_size;
     const int64_t n = std::min(block_size, length - t0);
-    if (b + 2 < blocks) prefetch_block(values + static_cast<int64_t>(table[b + 2]) * block_size * D, block_size * D);
+    const uint16_t* ahead = b + 2 < blocks ? values + static_cast<int64_t>(table[b + 2]) * block_size * D : nullptr;
     for (int64_t g = 0; g < group; ++g) {
       __m256 ae[C], ao[C];
       for (int c = 0; c < C; ++c) {
@@ -297,6 +300,7 @@ void attend_row_bf16(const float* q, float* out, const uint16_t* keys, const uin
       }
       const float* pg = p + g * length + t0;
       for (int64_t j = 0; j < n; ++j) {
+        if (g == 0 && ahead != nullptr) prefetch_block(ahead + j * D, D);
         const __m256 w = _mm256_set1_ps(pg[j]);
         const __m256i* row = reinterpret_cast<const __m256i*>(values + (base + j) * D);
         for (int c = 0; c < C; ++c) {
