@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from kvsqueeze.ops.amx_linear import amx_linear, amx_linear_available, amx_packable, pack_amx_weight
-from kvsqueeze.ops.skinny_linear import fp32_linear, native_bf16_products
+from kvsqueeze.ops.skinny_linear import SKINNY_MAX_ROWS, fp32_linear, native_bf16_products, skinny_kernel
 
 PACKED_MAX_ROWS = 128  # up to this many rows, oneDNN's packed copy beats F.linear
 AMX_MAX_ROWS = 256  # up to this many rows, the AMX kernel beats F.linear
@@ -66,12 +66,13 @@ class Linear:
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACKED_MAX_ROWS)
         else:
             self.packed = None
+        self.skinny = skinny_kernel(weight)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.widened:
-            return fp32_linear(x.float(), self.weight, self.bias).to(x.dtype)
+            return self._fp32(x.float()).to(x.dtype)
         if x.dtype == torch.float32:
-            return fp32_linear(x, self.weight, self.bias)
+            return self._fp32(x)
         if self.packed is None or x.dim() != 2:
             return F.linear(x, self.weight, self.bias)
         if self.amx and x.shape[0] <= AMX_MAX_ROWS:
@@ -79,3 +80,10 @@ class Linear:
         if not self.amx and x.shape[0] <= PACKED_MAX_ROWS:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
+
+    def _fp32(self, x: torch.Tensor) -> torch.Tensor:
+        """fp32 rows: straight to the skinny kernel for a decode step's few rows (its
+        checks made once, at load), else fp32_linear."""
+        if self.skinny is not None and x.dim() == 2 and x.shape[0] <= SKINNY_MAX_ROWS and x.device.type == "cpu":
+            return self.skinny(x, self.weight, self.bias)
+        return fp32_linear(x, self.weight, self.bias)

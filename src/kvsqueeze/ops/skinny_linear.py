@@ -9,6 +9,7 @@ bf16 weights (widened in registers, so a bf16 model reads half the bytes)."""
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from types import ModuleType
 
 import torch
@@ -26,17 +27,25 @@ def _extension() -> ModuleType | None:
     return ext if ext is not None and ext.skinny_linear_available() else None
 
 
+def skinny_kernel(weight: torch.Tensor) -> Callable[..., torch.Tensor] | None:
+    """The kernel's entry point, ext(x [M, K] fp32, weight, bias | None) -> [M, N] fp32
+    for at most SKINNY_MAX_ROWS CPU rows, where it takes this weight (a CPU fp32 or bf16
+    [N, K], K a multiple of 8, a build with AVX2); else None. A decode step's layers ask
+    once, at load: the checks per call cost about as much as a small product."""
+    if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16) or weight.shape[-1] % 8:
+        return None
+    ext = _extension()
+    return None if ext is None else ext.skinny_linear
+
+
 def skinny_linear_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether the kernel runs these rows by this weight: fp32 rows on the CPU, at most
-    SKINNY_MAX_ROWS of them, an fp32 or bf16 weight whose K is a multiple of 8, and a
-    build with AVX2."""
+    SKINNY_MAX_ROWS of them, and a weight skinny_kernel takes."""
     return (
         x.device.type == "cpu"
         and x.dtype == torch.float32
-        and weight.dtype in (torch.float32, torch.bfloat16)
-        and x.shape[-1] % 8 == 0
         and x.numel() <= SKINNY_MAX_ROWS * x.shape[-1]
-        and _extension() is not None
+        and skinny_kernel(weight) is not None
     )
 
 

@@ -95,14 +95,44 @@ inline void weight_block(const float* xt, int64_t M, int64_t MP, const W* w, int
   rows<NW>(xt, M, MP, at, K, next, y + n, N);
 }
 
+// x [M, K] -> xt [K, MP] (K and MP multiples of 8, MP >= M; columns past M zeroed), by
+// 8 x 8 tiles transposed in registers.
+inline void transpose(const float* x, int64_t M, int64_t K, float* xt, int64_t MP) {
+  for (int64_t m0 = 0; m0 < MP; m0 += 8) {
+    for (int64_t k0 = 0; k0 < K; k0 += 8) {
+      __m256 r[8];
+      for (int i = 0; i < 8; ++i) r[i] = m0 + i < M ? _mm256_loadu_ps(x + (m0 + i) * K + k0) : _mm256_setzero_ps();
+      // 8 x 8 transpose: unpack pairs, then quads, then swap 128-bit halves.
+      __m256 t[8], u[8];
+      for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+      }
+      for (int i = 0; i < 8; i += 4) {
+        u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+        u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+        u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+        u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+      }
+      for (int i = 0; i < 4; ++i) {
+        _mm256_storeu_ps(xt + (k0 + i) * MP + m0, _mm256_permute2f128_ps(u[i], u[i + 4], 0x20));
+        _mm256_storeu_ps(xt + (k0 + i + 4) * MP + m0, _mm256_permute2f128_ps(u[i], u[i + 4], 0x31));
+      }
+    }
+  }
+}
+
 template <typename W>
 void outer(const float* x, const W* w, float* y, int64_t M, int64_t N, int64_t K) {
   const int64_t MP = (M + 7) / 8 * 8;
-  std::vector<float> xt(K * MP, 0.0f);  // x^T, zero past row M
-  for (int64_t k = 0; k < K; ++k)
-    for (int64_t m = 0; m < M; ++m) xt[k * MP + m] = x[m * K + k];
+  // x^T, zero past row M, in a buffer kept across calls (allocating and zeroing it cost
+  // as much as a small layer's products), filled 8 rows by 8 columns at a time.
+  thread_local std::vector<float> buffer;
+  if (static_cast<int64_t>(buffer.size()) < K * MP) buffer.resize(K * MP);
+  float* xt = buffer.data();
+  transpose(x, M, K, xt, MP);
   at::parallel_for(0, (N + W_ROWS - 1) / W_ROWS, 16, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) weight_block<W_ROWS>(xt.data(), M, MP, w, N, K, b * W_ROWS, y);
+    for (int64_t b = b0; b < b1; ++b) weight_block<W_ROWS>(xt, M, MP, w, N, K, b * W_ROWS, y);
   });
 }
 
