@@ -66,7 +66,8 @@ class Linear:
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACKED_MAX_ROWS)
         else:
             self.packed = None
-        self.skinny = skinny_kernel(weight)
+        # Asked only where rows come in fp32 (an fp32 or widened layer): the kernel builds on first use.
+        self.skinny = skinny_kernel(weight) if widen or weight.dtype == torch.float32 else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.widened:
