@@ -64,76 +64,37 @@ inline void block(const float* xt, int64_t MP, const W* w, int64_t K, const char
     for (int v = 0; v < NV; ++v) _mm256_storeu_ps(tile + j * PANEL + 8 * v, acc[j][v]);
 }
 
-// The NW weight rows at w by every panel of x^T, written to y (row stride N); the panels
-// share the prefetch of the NW rows at `next` (none where null).
+// Pass p of `passes` over a block of NW weight rows prefetches an even share of the
+// cache lines of the NW rows at `next` (none where null): the next block streams in
+// while this one is multiplied.
+struct PrefetchShare {
+  const char* at;
+  int64_t lines;
+};
+
+template <int NW, typename W>
+inline PrefetchShare prefetch_share(const W* next, int64_t K, int64_t p, int64_t passes) {
+  const int64_t lines = next == nullptr ? 0 : (NW * K * int64_t(sizeof(W)) + 63) / 64;
+  const int64_t first = p * lines / passes, last = (p + 1) * lines / passes;
+  return {reinterpret_cast<const char*>(next) + 64 * first, last - first};
+}
+
+// The NW weight rows at w by every panel of x^T, written to y (row stride N).
 template <int NW, typename W>
 inline void rows(const float* xt, int64_t M, int64_t MP, const W* w, int64_t K, const W* next, float* y, int64_t N) {
   alignas(32) float tile[W_ROWS * PANEL];
   const int64_t panels = (MP + PANEL - 1) / PANEL;
-  const int64_t lines = next == nullptr ? 0 : (NW * K * int64_t(sizeof(W)) + 63) / 64;
-  const char* pf = reinterpret_cast<const char*>(next);
   for (int64_t p = 0; p < panels; ++p) {
-    const int64_t m0 = p * PANEL, first = p * lines / panels, last = (p + 1) * lines / panels;
+    const int64_t m0 = p * PANEL;
+    const PrefetchShare pf = prefetch_share<NW>(next, K, p, panels);
     if (MP - m0 >= PANEL) {
-      block<NW, 2>(xt + m0, MP, w, K, pf + 64 * first, last - first, tile);
+      block<NW, 2>(xt + m0, MP, w, K, pf.at, pf.lines, tile);
     } else {
-      block<NW, 1>(xt + m0, MP, w, K, pf + 64 * first, last - first, tile);
+      block<NW, 1>(xt + m0, MP, w, K, pf.at, pf.lines, tile);
     }
     for (int64_t m = m0; m < std::min(M, m0 + PANEL); ++m)
       for (int j = 0; j < NW; ++j) y[m * N + j] = tile[j * PANEL + (m - m0)];
   }
-}
-
-// The weight rows n.. (NW of them, or fewer at W's end) by every row of x.
-template <int NW, typename W>
-inline void weight_block(const float* xt, int64_t M, int64_t MP, const W* w, int64_t N, int64_t K, int64_t n, float* y) {
-  if constexpr (NW > 1) {
-    if (N - n < NW) return weight_block<NW - 1>(xt, M, MP, w, N, K, n, y);
-  }
-  const W* at = w + n * K;
-  const W* next = n + 3 * NW <= N ? at + 2 * NW * K : nullptr;  // two blocks ahead
-  rows<NW>(xt, M, MP, at, K, next, y + n, N);
-}
-
-// x [M, K] -> xt [K, MP] (K and MP multiples of 8, MP >= M; columns past M zeroed), by
-// 8 x 8 tiles transposed in registers.
-inline void transpose(const float* x, int64_t M, int64_t K, float* xt, int64_t MP) {
-  for (int64_t m0 = 0; m0 < MP; m0 += 8) {
-    for (int64_t k0 = 0; k0 < K; k0 += 8) {
-      __m256 r[8];
-      for (int i = 0; i < 8; ++i) r[i] = m0 + i < M ? _mm256_loadu_ps(x + (m0 + i) * K + k0) : _mm256_setzero_ps();
-      // 8 x 8 transpose: unpack pairs, then quads, then swap 128-bit halves.
-      __m256 t[8], u[8];
-      for (int i = 0; i < 8; i += 2) {
-        t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
-        t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
-      }
-      for (int i = 0; i < 8; i += 4) {
-        u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
-        u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
-        u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
-        u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
-      }
-      for (int i = 0; i < 4; ++i) {
-        _mm256_storeu_ps(xt + (k0 + i) * MP + m0, _mm256_permute2f128_ps(u[i], u[i + 4], 0x20));
-        _mm256_storeu_ps(xt + (k0 + i + 4) * MP + m0, _mm256_permute2f128_ps(u[i], u[i + 4], 0x31));
-      }
-    }
-  }
-}
-
-template <typename W>
-void outer(const float* x, const W* w, float* y, int64_t M, int64_t N, int64_t K) {
-  const int64_t MP = (M + 7) / 8 * 8;
-  // x^T, zero past row M, in a buffer kept across calls (allocating and zeroing it cost
-  // as much as a small layer's products), filled 8 rows by 8 columns at a time.
-  thread_local std::vector<float> buffer;
-  if (static_cast<int64_t>(buffer.size()) < K * MP) buffer.resize(K * MP);
-  float* xt = buffer.data();
-  transpose(x, M, K, xt, MP);
-  at::parallel_for(0, (N + W_ROWS - 1) / W_ROWS, 16, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) weight_block<W_ROWS>(xt, M, MP, w, N, K, b * W_ROWS, y);
-  });
 }
 
 // ---- the dot-product form, below OUTER_MIN_ROWS rows: lanes along K, 6 weight rows by 2
@@ -186,41 +147,83 @@ inline void dot_block(const float* x, const W* w, int64_t K, const char* pf, int
     for (int j = 0; j < NW; ++j) y[m * ldy + j] = hsum(acc[j][m]);
 }
 
-// Every x row by the NW weight rows at w, X_ROWS rows a pass; the passes share the
-// prefetch of the NW rows at `next` (none where null).
+// Every x row by the NW weight rows at w, X_ROWS rows a pass (y's row stride N).
 template <int NW, typename W>
-inline void dot_rows(const float* x, const W* w, int64_t M, int64_t K, const W* next, float* y, int64_t ldy) {
+inline void dot_rows(const float* x, int64_t M, const W* w, int64_t K, const W* next, float* y, int64_t N) {
   const int64_t passes = (M + X_ROWS - 1) / X_ROWS;
-  const int64_t lines = next == nullptr ? 0 : (NW * K * int64_t(sizeof(W)) + 63) / 64;
-  const char* pf = reinterpret_cast<const char*>(next);
   for (int64_t p = 0; p < passes; ++p) {
-    const int64_t m = p * X_ROWS, first = p * lines / passes, last = (p + 1) * lines / passes;
+    const int64_t m = p * X_ROWS;
+    const PrefetchShare pf = prefetch_share<NW>(next, K, p, passes);
     if (M - m >= X_ROWS) {
-      dot_block<NW, X_ROWS>(x + m * K, w, K, pf + 64 * first, last - first, y + m * ldy, ldy);
+      dot_block<NW, X_ROWS>(x + m * K, w, K, pf.at, pf.lines, y + m * N, N);
     } else {
-      dot_block<NW, 1>(x + m * K, w, K, pf + 64 * first, last - first, y + m * ldy, ldy);
+      dot_block<NW, 1>(x + m * K, w, K, pf.at, pf.lines, y + m * N, N);
+    }
+  }
+}
+
+// ---- both forms: blocks of weight rows, split among the threads.
+
+// The weight rows n.. (NW of them, or fewer at W's end) by every row of x, in the outer
+// form (x holds x^T [K, MP]) or the dot form (x itself, [M, K]).
+template <bool OUTER, int NW, typename W>
+inline void weight_block(const float* x, int64_t M, int64_t MP, const W* w, int64_t N, int64_t K, int64_t n, float* y) {
+  if constexpr (NW > 1) {
+    if (N - n < NW) return weight_block<OUTER, NW - 1>(x, M, MP, w, N, K, n, y);
+  }
+  const W* at = w + n * K;
+  const W* next = n + 3 * NW <= N ? at + 2 * NW * K : nullptr;  // two blocks ahead
+  if constexpr (OUTER) {
+    rows<NW>(x, M, MP, at, K, next, y + n, N);
+  } else {
+    dot_rows<NW>(x, M, at, K, next, y + n, N);
+  }
+}
+
+template <bool OUTER, typename W>
+void weight_blocks(const float* x, int64_t M, int64_t MP, const W* w, float* y, int64_t N, int64_t K) {
+  at::parallel_for(0, (N + W_ROWS - 1) / W_ROWS, 16, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) weight_block<OUTER, W_ROWS>(x, M, MP, w, N, K, b * W_ROWS, y);
+  });
+}
+
+// x [M, K] -> xt [K, MP] (K and MP multiples of 8, MP >= M; columns past M zeroed), by
+// 8 x 8 tiles transposed in registers.
+inline void transpose(const float* x, int64_t M, int64_t K, float* xt, int64_t MP) {
+  for (int64_t m0 = 0; m0 < MP; m0 += 8) {
+    for (int64_t k0 = 0; k0 < K; k0 += 8) {
+      __m256 r[8];
+      for (int i = 0; i < 8; ++i) r[i] = m0 + i < M ? _mm256_loadu_ps(x + (m0 + i) * K + k0) : _mm256_setzero_ps();
+      // 8 x 8 transpose: unpack pairs, then quads, then swap 128-bit halves.
+      __m256 t[8], u[8];
+      for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+      }
+      for (int i = 0; i < 8; i += 4) {
+        u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+        u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+        u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+        u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+      }
+      for (int i = 0; i < 4; ++i) {
+        _mm256_storeu_ps(xt + (k0 + i) * MP + m0, _mm256_permute2f128_ps(u[i], u[i + 4], 0x20));
+        _mm256_storeu_ps(xt + (k0 + i + 4) * MP + m0, _mm256_permute2f128_ps(u[i], u[i + 4], 0x31));
+      }
     }
   }
 }
 
 template <typename W>
-void dot(const float* x, const W* w, float* y, int64_t M, int64_t N, int64_t K) {
-  const int64_t blocks = (N + W_ROWS - 1) / W_ROWS;
-  at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t n = b * W_ROWS;
-      const W* at = w + n * K;
-      const W* next = n + 3 * W_ROWS <= N ? at + 2 * W_ROWS * K : nullptr;  // two blocks ahead
-      switch (std::min<int64_t>(W_ROWS, N - n)) {
-        case 6: dot_rows<6>(x, at, M, K, next, y + n, N); break;
-        case 5: dot_rows<5>(x, at, M, K, next, y + n, N); break;
-        case 4: dot_rows<4>(x, at, M, K, next, y + n, N); break;
-        case 3: dot_rows<3>(x, at, M, K, next, y + n, N); break;
-        case 2: dot_rows<2>(x, at, M, K, next, y + n, N); break;
-        default: dot_rows<1>(x, at, M, K, next, y + n, N); break;
-      }
-    }
-  });
+void outer(const float* x, const W* w, float* y, int64_t M, int64_t N, int64_t K) {
+  const int64_t MP = (M + 7) / 8 * 8;
+  // x^T, zero past row M, in a buffer kept across calls (allocating and zeroing it cost
+  // as much as a small layer's products), filled 8 rows by 8 columns at a time.
+  thread_local std::vector<float> buffer;
+  if (static_cast<int64_t>(buffer.size()) < K * MP) buffer.resize(K * MP);
+  float* xt = buffer.data();
+  transpose(x, M, K, xt, MP);
+  weight_blocks<true>(xt, M, MP, w, y, N, K);
 }
 
 template <typename W>
@@ -228,7 +231,7 @@ void skinny(const float* x, const W* w, float* y, int64_t M, int64_t N, int64_t 
   if (M >= OUTER_MIN_ROWS) {
     outer(x, w, y, M, N, K);
   } else {
-    dot(x, w, y, M, N, K);
+    weight_blocks<false>(x, M, M, w, y, N, K);
   }
 }
 
