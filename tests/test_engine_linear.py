@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from kvsqueeze.engine.linear import AMX_MAX_ROWS, PACKED_MAX_ROWS, Linear, can_prepack, widens_bf16
-from kvsqueeze.ops.skinny_linear import SKINNY_MAX_ROWS
+from kvsqueeze.ops.skinny_linear import SKINNY_MAX_ROWS, skinny_linear_takes
 
 needs_packing = pytest.mark.skipif(
     not can_prepack(torch.bfloat16, torch.device("cpu")), reason="no bf16 matrix instructions on this CPU"
@@ -74,3 +74,19 @@ def test_bf16_is_widened_exactly_where_it_is_not_prepacked():
     assert not widens_bf16(torch.float32, cpu) and not widens_bf16(torch.bfloat16, torch.device("meta"))
     with pytest.raises(ValueError, match="either prepacked"):
         Linear(torch.randn(16, 32).bfloat16(), prepack=True, widen=True)
+
+
+@pytest.mark.parametrize("shape", [(1, 64), (16, 64), (SKINNY_MAX_ROWS, 64), (SKINNY_MAX_ROWS + 1, 64), (2, 5, 64)])
+def test_fp32_rows_take_the_kernel_chosen_at_load_and_give_f_linear_products(shape):
+    gen = torch.Generator().manual_seed(shape[0])
+    w, b = torch.randn(40, 64, generator=gen), torch.randn(40, generator=gen)
+    layer = Linear(w, b)
+    assert (layer.skinny is not None) == skinny_linear_takes(torch.randn(1, 64), w)
+    x = torch.randn(*shape, generator=gen)
+    out = layer(x)  # past SKINNY_MAX_ROWS rows, or not 2-D: fp32_linear
+    assert out.shape == (*shape[:-1], 40)
+    torch.testing.assert_close(out, F.linear(x, w, b), rtol=1e-5, atol=1e-4)
+
+
+def test_the_kernel_is_asked_for_only_where_rows_come_in_fp32():
+    assert Linear(torch.randn(40, 64).bfloat16()).skinny is None  # a bf16 layer kept in bf16
